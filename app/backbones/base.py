@@ -1,0 +1,126 @@
+"""The contract every image backbone meets, so the engine treats them all alike.
+
+Borrowed from infinity's ``BaseTransformer``: one small class per backend, with the
+pretrained model split where equiserve needs it: ``encode`` (pixels -> the features the
+λ-net sees) and a ``head`` (features -> logits), plus ``warmup`` and device/dtype moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Head = Callable[[Tensor], Tensor]
+
+
+class ImageBackbone(nn.Module):
+    """A pretrained image classifier split into ``encode`` and ``head``.
+
+    ``encode`` takes pixels ``[N, 3, S, S]`` in ``[0, 1]`` (already resized and cropped to
+    ``input_size``) and normalises them itself, on the device, with the model's own mean
+    and std: the engine only ever moves raw pixels.
+    """
+
+    family: str = "base"
+    zero_shot: bool = False  # True when the label set comes with each request (CLIP)
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        input_size: int,
+        feature_dim: int,
+        labels: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.input_size = input_size
+        self.feature_dim = feature_dim
+        self.labels = list(labels)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.channels_last = False
+
+    # -- what subclasses implement ----------------------------------------------------------
+    def _encode(self, x: Tensor) -> Tensor:
+        """Normalised pixels ``[N, 3, S, S]`` -> features ``[N, D]``."""
+        raise NotImplementedError
+
+    def head(self, features: Tensor) -> Tensor:
+        """Features ``[N, D]`` -> logits ``[N, K]`` over ``self.labels``."""
+        raise NotImplementedError
+
+    def head_for(self, labels: Sequence[str] | None) -> Head:
+        """The head for a request's label set; fixed-label backbones only accept their own."""
+        if labels is not None and list(labels) != self.labels:
+            raise ValueError(f"{self.name} has a fixed label set; it does not take labels")
+        return self.head
+
+    # -- shared ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        x = (pixels.to(self.mean.dtype) - self.mean) / self.std
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        return self._encode(self.normalize(pixels))
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.head(self.encode(pixels))
+
+    def to_runtime(self, device: str | torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> ImageBackbone:
+        """Move to ``device`` in ``dtype`` for inference (eval mode; buffers stay float32)."""
+        self.eval()
+        self.to(device=device)
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                p.data = p.data.to(dtype)
+            for name, b in module.named_buffers(recurse=False):
+                if b.is_floating_point() and name not in ("mean", "std"):
+                    module._buffers[name] = b.to(dtype)
+        self.channels_last = channels_last and torch.device(device).type == "cuda"
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
+
+    @torch.inference_mode()
+    def warmup(self, batch_size: int) -> None:
+        """Run a batch of ``batch_size`` so kernels are chosen and memory is allocated."""
+        pixels = torch.rand(batch_size, 3, self.input_size, self.input_size, device=self.device)
+        self.forward(pixels)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class LinearHeadBackbone(ImageBackbone):
+    """A CNN whose head is one ``nn.Linear`` on pooled features (EfficientNet, ResNet, ...).
+
+    The head can be swapped for a transfer-learned one (``replace_head``) without touching
+    the pretrained trunk: that is how a model trained by ``python -m app train`` is served.
+    """
+
+    classifier: nn.Linear
+
+    def head(self, features: Tensor) -> Tensor:
+        return self.classifier(features)
+
+    def replace_head(self, labels: Sequence[str], state: dict[str, Tensor] | None = None) -> None:
+        """A new linear head over ``labels`` (random init, or loaded from ``state``)."""
+        head = nn.Linear(self.feature_dim, len(labels))
+        if state is not None:
+            head.load_state_dict(state)
+        ref = self.classifier.weight
+        self.classifier = head.to(device=ref.device, dtype=ref.dtype)
+        self.labels = list(labels)

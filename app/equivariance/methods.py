@@ -1,0 +1,112 @@
+"""The four ways to combine the outputs of the transformed copies.
+
+All of them take the *aligned* per-copy outputs ``y[g] = g⁻¹ M(g x)`` of one fused pass,
+shaped ``[|G|, B, ...]`` (copy 0 is the identity), so one forward pass can serve every
+method and a batch can mix requests that ask for different methods.
+
+* vanilla   ``M(x)``                                   (copy 0)
+* equitune  ``1/|G| Σ_g g⁻¹ M(g x)``
+* equizero  ``g*⁻¹ M(g* x)`` with ``g* = argmin_g loss(M(g x))``
+* λ         ``Σ_g λ(g x) g⁻¹ M(g x) / Σ_g λ(g x)``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+
+class Method(str, Enum):
+    VANILLA = "vanilla"
+    EQUITUNE = "equitune"
+    EQUIZERO = "equizero"
+    LAMBDA = "lambda"
+
+
+class ZeroLoss(str, Enum):
+    """What equizero minimises over the copies."""
+
+    NEG_MAX_PROB = "neg_max_prob"  # -max softmax probability: the paper's choice for CLIP
+    ENTROPY = "entropy"  # entropy of the softmax
+
+
+@dataclass(frozen=True)
+class Combined:
+    """The combined output and the diagnostics of how it was combined."""
+
+    output: Tensor  # [B, ...]
+    weights: Tensor  # [|G|, B] normalised weight of each copy (sums to 1 over copies)
+    selected: Tensor | None  # [B] index of the copy equizero chose; None for other methods
+
+
+def equizero_loss(aligned: Tensor, loss: ZeroLoss = ZeroLoss.NEG_MAX_PROB, class_dim: int = -1) -> Tensor:
+    """Per-copy loss ``[|G|, B]`` of logits ``[|G|, B, ...]`` (softmax over ``class_dim``).
+
+    Dense outputs (e.g. ``[|G|, B, C, H, W]``) are averaged over the remaining dims. The
+    softmax is applied once, to logits: the paper's public code applies it twice.
+    """
+    log_p = torch.log_softmax(aligned.float(), dim=class_dim)
+    if loss is ZeroLoss.NEG_MAX_PROB:
+        per_position = -log_p.amax(dim=class_dim).exp()
+    elif loss is ZeroLoss.ENTROPY:
+        per_position = -(log_p.exp() * log_p).sum(dim=class_dim)
+    else:  # pragma: no cover - Enum exhausts the cases
+        raise ValueError(f"unknown equizero loss {loss!r}")
+    return per_position.reshape(aligned.shape[0], aligned.shape[1], -1).mean(-1)
+
+
+def _weighted_sum(aligned: Tensor, weights: Tensor) -> Tensor:
+    w = weights.to(aligned.dtype).reshape(*weights.shape, *([1] * (aligned.dim() - 2)))
+    return (w * aligned).sum(0)
+
+
+def combine(
+    aligned: Tensor,
+    method: Method | str,
+    *,
+    log_lambda: Tensor | None = None,
+    zero_loss: ZeroLoss | str = ZeroLoss.NEG_MAX_PROB,
+    class_dim: int = -1,
+    straight_through: bool = False,
+) -> Combined:
+    """Combine aligned per-copy outputs ``[|G|, B, ...]`` with ``method``.
+
+    ``log_lambda`` ([|G|, B], λ = exp) is needed by ``lambda``. With ``straight_through``
+    equizero's forward value is the selected copy but its gradient is equitune's (the
+    selection itself has no gradient), as the paper trains it.
+    """
+    method = Method(method)
+    n, batch = aligned.shape[:2]
+    if method is Method.VANILLA:
+        weights = torch.zeros(n, batch, device=aligned.device)
+        weights[0] = 1.0
+        # Copy 0 is the identity: return it as is, bit for bit the plain model's output.
+        return Combined(aligned[0], weights, None)
+    if method is Method.EQUITUNE:
+        weights = torch.full((n, batch), 1.0 / n, device=aligned.device)
+        return Combined(aligned.mean(0), weights, None)
+    if method is Method.EQUIZERO:
+        with torch.no_grad():
+            selected = equizero_loss(aligned, ZeroLoss(zero_loss), class_dim).argmin(0)  # [B]
+        index = selected.reshape(1, batch, *([1] * (aligned.dim() - 2))).expand(1, *aligned.shape[1:])
+        output = aligned.gather(0, index).squeeze(0)
+        if straight_through:
+            mean = aligned.mean(0)
+            output = mean + (output - mean).detach()
+        weights = torch.nn.functional.one_hot(selected, n).T.float()
+        return Combined(output, weights, selected)
+    if method is Method.LAMBDA:
+        if log_lambda is None:
+            raise ValueError("the lambda method needs the λ-net's log-weights")
+        weights = torch.softmax(log_lambda.float(), dim=0)  # λ_g / Σ_h λ_h
+        return Combined(_weighted_sum(aligned, weights), weights, None)
+    raise ValueError(f"unknown method {method!r}")  # pragma: no cover
+
+
+def lambda_entropy(weights: Tensor) -> Tensor:
+    """Entropy (nats) of the normalised weights ``[|G|, B]`` per item: 0 = one copy, log|G| = uniform."""
+    w = weights.float().clamp_min(1e-12)
+    return -(w * w.log()).sum(0)
