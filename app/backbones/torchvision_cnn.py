@@ -20,7 +20,13 @@ ARCHITECTURES = ("resnet18", "resnet50", "alexnet")
 class TorchvisionClassifier(LinearHeadBackbone):
     family = "torchvision"
 
-    def __init__(self, arch: str = "resnet18", pretrained: bool = False, num_classes: int | None = None) -> None:
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        pretrained: bool = False,
+        num_classes: int | None = None,
+        input_size: int = 224,
+    ) -> None:
         import torchvision
 
         if arch not in ARCHITECTURES:
@@ -35,7 +41,7 @@ class TorchvisionClassifier(LinearHeadBackbone):
             net.classifier[-1] = nn.Identity()
         super().__init__(
             name=arch,
-            input_size=224,
+            input_size=input_size,
             feature_dim=classifier.in_features,
             labels=labels,
             mean=IMAGENET_MEAN,

@@ -1,0 +1,106 @@
+"""Pure ASGI middleware: request ids, the body-size limit, and request metrics.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so that streaming bodies are counted as they arrive
+and a client disconnect still reaches the route (which drops its queued work).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.metrics import Metrics
+
+INFERENCE_PATH = re.compile(r"^/v1/models/(?P<model>[^/]+)/(?P<endpoint>classify|generate)$")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body over {limit} bytes (EQUISERVE_MAX_BODY_BYTES)")
+        self.limit = limit
+
+
+def error_json(status: int, code: str, message: str, request_id: str | None) -> tuple[bytes, list]:
+    body = json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
+    return body, headers
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (``X-Request-ID``, echoed back), enforces the body limit,
+    and records ``equiserve_requests_total`` / ``equiserve_request_duration_seconds`` for
+    the inference routes."""
+
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, served_models: Callable[[], set[str]]
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+        self.served_models = served_models
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._reject(scope, send, request_id)
+            return
+
+        received = 0
+        limit = self.max_body_bytes
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        match = INFERENCE_PATH.match(scope.get("path", ""))
+        status_holder = {"status": 500}
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            await self.app(scope, counting_receive, recording_send)
+        finally:
+            if match is not None:
+                model = match["model"] if match["model"] in self.served_models() else "unknown"
+                endpoint = match["endpoint"]
+                self.metrics.requests.labels(model, endpoint, str(status_holder["status"])).inc()
+                self.metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - started)
+
+    async def _reject(self, scope: Scope, send: Send, request_id: str) -> None:
+        body, headers = error_json(
+            413, "too_large", f"request body over {self.max_body_bytes} bytes (EQUISERVE_MAX_BODY_BYTES)", request_id
+        )
+        match = INFERENCE_PATH.match(scope.get("path", ""))
+        if match is not None:
+            model = match["model"] if match["model"] in self.served_models() else "unknown"
+            self.metrics.requests.labels(model, match["endpoint"], "413").inc()
+            self.metrics.rejected.labels(model, "too_large").inc()
+        await send({"type": "http.response.start", "status": 413, "headers": [*headers, (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

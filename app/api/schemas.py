@@ -1,0 +1,94 @@
+"""Pydantic request and response bodies of the HTTP contract (v1)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["queue_full"])
+    message: str = Field(examples=["the queue of 'imagenet-effnet-c4' is full"])
+    request_id: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ImagePayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    b64: str = Field(description="the image file (JPEG, PNG, WebP, GIF, BMP, TIFF), base64-encoded")
+
+
+class ClassifyJSON(BaseModel):
+    """The JSON form of a classify request (the multipart form takes the same fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: list[ImagePayload] = Field(min_length=1)
+    method: str | None = Field(None, description="vanilla | equitune | equizero | lambda (default: the model's)")
+    top_k: int = Field(5, description="how many predictions per image")
+    labels: list[str] | None = Field(None, description="zero-shot models: the label set to choose from")
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    score: float = Field(description="softmax probability of the combined output")
+
+
+class Transform(BaseModel):
+    name: str = Field(description="the group element that made this copy, e.g. rot90")
+    weight: float = Field(
+        alias="lambda",
+        description="normalised weight of this copy in the answer (sums to 1 over copies)",
+    )
+    top_label: str = Field(description="what this copy alone predicted")
+    top_score: float = Field(description="this copy's own softmax probability for top_label")
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ImageAnswer(BaseModel):
+    predictions: list[Prediction]
+    transforms: list[Transform]
+    selected_transform: str | None = Field(description="the copy equizero chose; null for other methods")
+    lambda_entropy: float = Field(description="entropy (nats) of the λ-net's weights: 0 = one copy, log|G| = uniform")
+
+
+class Timing(BaseModel):
+    queue_ms: float = Field(description="longest time one of the request's images waited for its batch")
+    inference_ms: float = Field(description="the fused forward pass of that batch")
+    batch_size: int = Field(description="images in that batch (all requests)")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    method: str
+    group: str
+    results: list[ImageAnswer]
+    timing: Timing
+
+
+class ModelCard(BaseModel):
+    name: str
+    task: str
+    backbone: str
+    group: str
+    transforms: list[str]
+    methods: list[str]
+    default_method: str
+    num_labels: int | None = Field(description="null for zero-shot models: labels come with each request")
+    zero_shot: bool
+    lambda_trained: bool
+    device: str
+    dtype: str
+    input_size: int
+    description: str
+
+
+class ModelList(BaseModel):
+    models: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok", "loading", "draining"])

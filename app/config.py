@@ -1,0 +1,57 @@
+"""All settings in one place: every knob is an ``EQUISERVE_*`` env var and a CLI flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+class Settings(BaseSettings):
+    """Server settings. Read from the environment (prefix ``EQUISERVE_``) and ``.env``."""
+
+    model_config = SettingsConfigDict(env_prefix="EQUISERVE_", env_file=".env", extra="ignore")
+
+    host: str = Field("0.0.0.0", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    models_dir: Path = Field(DEFAULT_MODELS_DIR, description="model repository: <dir>/<name>/model.yaml")
+    models: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="comma-separated model names to load (default: every model whose weights are available)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="inference dtype on CUDA (the CPU always runs float32)"
+    )
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images per fused forward pass")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more, from its FIRST item")
+    queue_size: int = Field(512, ge=1, description="images waiting per model before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline in the queue before 504")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body limit (413)")
+    max_pixels: int = Field(40_000_000, ge=1, description="decoded pixels per image (413; decompression bombs)")
+    max_images: int = Field(16, ge=1, description="images per request (413)")
+    max_labels: int = Field(1000, ge=1, description="zero-shot labels per request (413)")
+    max_label_chars: int = Field(200, ge=1, description="characters per zero-shot label (422)")
+    api_key: SecretStr | None = Field(None, description="when set, inference routes need 'Authorization: Bearer <key>'")
+    warmup: bool = Field(True, description="run a max-size batch per model before turning ready")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to wait for accepted requests")
+    preprocess_threads: int = Field(4, ge=1, description="threads decoding and resizing images")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            names = [n.strip() for n in value.split(",") if n.strip()]
+            return names or None
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        return None if value == "" else value

@@ -1,0 +1,232 @@
+"""Dynamic batching: an asyncio queue per model whose batches leave full or ``max_wait`` after
+their FIRST item arrived (the timer starts at the oldest item, as in Ray Serve's batching).
+
+Guarantees, each tested:
+* bounded: ``submit`` refuses with ``QueueFull`` (429) when ``queue_size`` items wait;
+* deadlines: an item still queued at its deadline is answered ``DeadlineExceeded`` (504);
+* cancelled items (client gone) are dropped before the forward pass;
+* every accepted item gets exactly one answer: a result, its own error, or the batch's error;
+* ``close()`` refuses new items and answers everything already accepted before returning.
+
+The handler runs in a worker thread so the event loop keeps accepting and decoding while
+the model computes; the next batch fills during the current forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger("equiserve.batcher")
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """How an item was served: handed back with its result."""
+
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass
+class _Pending(Generic[T]):
+    item: T
+    future: asyncio.Future
+    enqueued: float
+    deadline: float
+    request_id: str = ""
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    items: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    failed_batches: int = 0
+
+
+# Hooks the engine plugs metrics into; the batcher itself knows nothing of Prometheus.
+OnBatch = Callable[[int, float], None]  # (batch size, inference seconds)
+OnQueued = Callable[[float], None]  # seconds an item waited
+OnDepth = Callable[[int], None]
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        name: str,
+        handler: Callable[[list[T]], Sequence[R | BaseException]],
+        *,
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.005,
+        queue_size: int = 512,
+        executor: Executor | None = None,
+        on_batch: OnBatch | None = None,
+        on_queued: OnQueued | None = None,
+        on_depth: OnDepth | None = None,
+    ) -> None:
+        self.name = name
+        self.handler = handler
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self._owns_executor = executor is None
+        self._queue: deque[_Pending[T]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._busy = False
+        self._on_batch, self._on_queued, self._on_depth = on_batch, on_queued, on_depth
+        self.stats = BatcherStats()
+        self._last_batch_s = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def close(self) -> None:
+        """Stop taking items; answer every accepted one; then stop the loop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._busy
+
+    # -- submitting ------------------------------------------------------------------------
+    def retry_after_s(self) -> float:
+        """A hint for 429s: how long the queue in front needs to drain, at least 1 s."""
+        batches_ahead = self.depth / self.max_batch_size + 1
+        return max(1.0, round(batches_ahead * max(self._last_batch_s, self.max_wait_s), 1))
+
+    def submit_nowait(self, item: T, timeout_s: float, request_id: str = "") -> asyncio.Future:
+        """Queue ``item``; the returned future resolves to ``(result, BatchInfo)``.
+
+        Raises ``QueueFull`` or ``NotReady`` at once, so a request with several images can
+        check them all before any of its work is queued.
+        """
+        if self._closing:
+            raise NotReady(f"model {self.name!r} is shutting down")
+        if self._task is None:
+            raise NotReady(f"model {self.name!r} is not started")
+        if len(self._queue) >= self.queue_size:
+            raise QueueFull(f"model {self.name!r} has {self.queue_size} images queued", self.retry_after_s())
+        now = time.perf_counter()
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(item, future, now, now + timeout_s, request_id))
+        self._report_depth()
+        self._wakeup.set()
+        return future
+
+    def free_slots(self) -> int:
+        return self.queue_size - len(self._queue)
+
+    async def submit(self, item: T, timeout_s: float, request_id: str = "") -> tuple[R, BatchInfo]:
+        return await self.submit_nowait(item, timeout_s, request_id)
+
+    # -- the loop --------------------------------------------------------------------------
+    def _report_depth(self) -> None:
+        if self._on_depth is not None:
+            self._on_depth(len(self._queue))
+
+    async def _wait(self, timeout: float | None) -> None:
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def _take_batch(self) -> list[_Pending[T]]:
+        """Pop up to ``max_batch_size`` live items, answering expired and skipping cancelled ones."""
+        batch: list[_Pending[T]] = []
+        now = time.perf_counter()
+        while self._queue and len(batch) < self.max_batch_size:
+            pending = self._queue.popleft()
+            if pending.future.done():  # cancelled: the client went away
+                self.stats.cancelled += 1
+                continue
+            if now > pending.deadline:
+                self.stats.expired += 1
+                pending.future.set_exception(
+                    DeadlineExceeded(f"waited {now - pending.enqueued:.3f} s in the queue of {self.name!r}")
+                )
+                continue
+            batch.append(pending)
+        self._report_depth()
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                await self._wait(None)
+                continue
+            # The batch's timer started when its oldest item arrived, not when we looked.
+            oldest = self._queue[0].enqueued
+            while len(self._queue) < self.max_batch_size and not self._closing:
+                remaining = oldest + self.max_wait_s - time.perf_counter()
+                if remaining <= 0:
+                    break
+                await self._wait(remaining)
+            batch = self._take_batch()
+            if not batch:
+                continue
+            self._busy = True
+            try:
+                await self._serve(loop, batch)
+            finally:
+                self._busy = False
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T]]) -> None:
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self.handler, [p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"handler returned {len(results)} results for {len(batch)} items")
+        except Exception as exc:  # the whole batch failed: each of its items gets the error
+            self.stats.failed_batches += 1
+            ids = ",".join(p.request_id for p in batch if p.request_id)
+            log.exception("batch of %d failed on model %s (request ids: %s)", len(batch), self.name, ids)
+            results = [InferenceFailed(f"inference failed on model {self.name!r}: {type(exc).__name__}")] * len(batch)
+        inference_s = time.perf_counter() - started
+        self._last_batch_s = inference_s
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        if self._on_batch is not None:
+            self._on_batch(len(batch), inference_s)
+        for pending, result in zip(batch, results, strict=True):
+            queue_s = started - pending.enqueued
+            if self._on_queued is not None:
+                self._on_queued(queue_s)
+            if pending.future.done():  # cancelled while computing: nobody to answer
+                continue
+            if isinstance(result, BaseException):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result((result, BatchInfo(queue_s, inference_s, len(batch))))

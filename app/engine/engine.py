@@ -1,0 +1,251 @@
+"""The engine: loaded models, their batchers, and ``classify`` — usable without HTTP.
+
+The HTTP layer, the benchmarks and the CLI all call ``Engine.classify`` with decoded images
+(``uint8 [H, W, 3]`` arrays); the engine validates what depends on the model, preprocesses
+in a thread pool, queues each image in its model's batcher and gathers the answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.config import Settings
+from app.equivariance import Method
+from app.metrics import Metrics
+
+from .batcher import BatchInfo, DynamicBatcher
+from .errors import EngineError, InferenceFailed, InvalidInput, ModelNotFound, NotReady, QueueFull, TooLarge
+from .registry import LoadedModel, ModelLoadError, list_models, load_model, model_dir, read_spec
+from .runner import ImageItem, ImageResult, ImageRunner
+
+log = logging.getLogger("equiserve.engine")
+
+
+@dataclass(frozen=True)
+class ClassifyOutput:
+    model: str
+    method: Method
+    group: str
+    results: list[ImageResult]
+    queue_s: float  # the longest wait among the request's images
+    inference_s: float  # the longest batch among them
+    batch_size: int  # the largest batch among them
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics(settings.max_batch_size)
+        self.models: dict[str, LoadedModel] = {}
+        self.runners: dict[str, ImageRunner] = {}
+        self.batchers: dict[str, DynamicBatcher[ImageItem, ImageResult]] = {}
+        self.ready = False
+        self.draining = False
+        self._preprocess = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+        self._inflight = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def model_names_to_load(self) -> list[str]:
+        return self.settings.models or list_models(self.settings.models_dir)
+
+    def load(self) -> None:
+        """Load every configured model (blocking; call from a thread). Fails on the first bad one."""
+        requested = self.settings.models is not None
+        for name in self.model_names_to_load():
+            started = time.perf_counter()
+            try:
+                loaded = load_model(
+                    self.settings.models_dir, name, self.settings.device, self.settings.dtype,
+                    self.settings.channels_last,
+                )  # fmt: skip
+            except ModelLoadError as exc:
+                optional = not requested and read_spec(model_dir(self.settings.models_dir, name)).optional
+                if optional:
+                    log.warning("skipping optional model %s: %s", name, exc)
+                    continue
+                raise
+            runner = ImageRunner(loaded)
+            if self.settings.warmup:
+                runner.warmup(self.settings.max_batch_size)
+            self.models[name] = loaded
+            self.runners[name] = runner
+            log.info(
+                "loaded %s (%s, group %s, %s/%s) in %.1f s",
+                name, loaded.backbone.name, loaded.spec.group, loaded.device, loaded.dtype, time.perf_counter() - started,
+            )  # fmt: skip
+        if not self.models:
+            raise ModelLoadError(f"no model to serve in {self.settings.models_dir}")
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.load)
+        for name, loaded in self.models.items():
+            self.batchers[name] = self._make_batcher(name)
+            self.batchers[name].start()
+            self.metrics.model_info.labels(
+                name, loaded.backbone.name, loaded.spec.group, loaded.device.type, str(loaded.dtype).removeprefix("torch.")
+            ).set(1)
+        self.ready = True
+
+    def _make_batcher(self, name: str) -> DynamicBatcher[ImageItem, ImageResult]:
+        m = self.metrics
+        return DynamicBatcher(
+            name,
+            self.runners[name],
+            max_batch_size=self.settings.max_batch_size,
+            max_wait_s=self.settings.max_wait_ms / 1000,
+            queue_size=self.settings.queue_size,
+            on_batch=lambda size, seconds: (
+                m.batch_size.labels(name).observe(size),
+                m.inference_duration.labels(name).observe(seconds),
+            ),
+            on_queued=m.queue_duration.labels(name).observe,
+            on_depth=m.queue_depth.labels(name).set,
+        )
+
+    def begin_drain(self) -> None:
+        """Readiness turns 503 and new requests are refused; accepted ones are still answered."""
+        self.draining = True
+
+    @property
+    def idle(self) -> bool:
+        return self._inflight == 0 and all(b.idle for b in self.batchers.values())
+
+    async def stop(self) -> None:
+        self.draining = True
+        for batcher in self.batchers.values():
+            await batcher.close()
+        self._preprocess.shutdown(wait=True)
+        self.ready = False
+
+    # -- requests --------------------------------------------------------------------------
+    def get_model(self, name: str) -> LoadedModel:
+        if name not in self.models:
+            raise ModelNotFound(f"model {name!r} is not served; see GET /v1/models")
+        return self.models[name]
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise NotReady("the server is shutting down")
+        if not self.ready:
+            raise NotReady("the models are still loading")
+
+    def validate(
+        self, loaded: LoadedModel, n_images: int, method: str | None, top_k: int, labels: Sequence[str] | None
+    ) -> tuple[Method, tuple[str, ...] | None]:
+        """Everything about a request that depends on its model; raises with the right status."""
+        s = self.settings
+        if n_images < 1:
+            raise InvalidInput("send at least one image")
+        if n_images > s.max_images:
+            raise TooLarge(f"{n_images} images in one request; the limit is {s.max_images} (EQUISERVE_MAX_IMAGES)")
+        chosen = Method(method) if method in {m.value for m in Method} else None
+        if method is None:
+            chosen = loaded.spec.default_method
+        if chosen is None or chosen not in loaded.spec.methods:
+            allowed = [m.value for m in loaded.spec.methods]
+            raise InvalidInput(f"method {method!r} is not served by {loaded.name}; choose from {allowed}")
+        label_set: tuple[str, ...] | None = None
+        if labels is not None:
+            if not loaded.zero_shot:
+                raise InvalidInput(f"{loaded.name} has a fixed label set; 'labels' is only for zero-shot models")
+            if len(labels) > s.max_labels:
+                raise TooLarge(f"{len(labels)} labels; the limit is {s.max_labels} (EQUISERVE_MAX_LABELS)")
+            cleaned = tuple(label.strip() for label in labels)
+            if not cleaned or any(not label for label in cleaned):
+                raise InvalidInput("labels must be non-empty strings")
+            if any(len(label) > s.max_label_chars for label in cleaned):
+                raise InvalidInput(f"a label is longer than {s.max_label_chars} characters")
+            if len(set(cleaned)) != len(cleaned):
+                raise InvalidInput("labels must be distinct")
+            label_set = cleaned
+        elif loaded.zero_shot and not loaded.backbone.labels:
+            raise InvalidInput(f"{loaded.name} is zero-shot: send 'labels'")
+        num_labels = len(label_set) if label_set is not None else len(loaded.backbone.labels)
+        if not 1 <= top_k <= num_labels:
+            raise InvalidInput(f"top_k must be between 1 and {num_labels}")
+        return chosen, label_set
+
+    async def classify(
+        self,
+        model: str,
+        images: Sequence[np.ndarray],
+        *,
+        method: str | None = None,
+        top_k: int = 5,
+        labels: Sequence[str] | None = None,
+        request_id: str = "",
+    ) -> ClassifyOutput:
+        self.check_accepting()
+        loaded = self.get_model(model)
+        chosen, label_set = self.validate(loaded, len(images), method, top_k, labels)
+        self._inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            return await self._classify(loaded, images, chosen, top_k, label_set, request_id)
+        finally:
+            self._inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def _classify(
+        self,
+        loaded: LoadedModel,
+        images: Sequence[np.ndarray],
+        method: Method,
+        top_k: int,
+        labels: tuple[str, ...] | None,
+        request_id: str,
+    ) -> ClassifyOutput:
+        batcher = self.batchers[loaded.name]
+        runner = self.runners[loaded.name]
+        if batcher.free_slots() < len(images):  # shed before spending CPU on preprocessing
+            self.metrics.rejected.labels(loaded.name, "queue_full").inc()
+            raise QueueFull(f"the queue of {loaded.name!r} is full", batcher.retry_after_s())
+        loop = asyncio.get_running_loop()
+        pixels = await asyncio.gather(*(loop.run_in_executor(self._preprocess, runner.preprocess, im) for im in images))
+        # Check again and queue all images with no await in between: all or none are accepted.
+        if batcher.free_slots() < len(images):
+            self.metrics.rejected.labels(loaded.name, "queue_full").inc()
+            raise QueueFull(f"the queue of {loaded.name!r} is full", batcher.retry_after_s())
+        self.check_accepting()
+        futures = [
+            batcher.submit_nowait(ImageItem(p, method, top_k, labels), self.settings.request_timeout_s, request_id)
+            for p in pixels
+        ]
+        try:
+            answers: list[tuple[ImageResult, BatchInfo]] = await asyncio.gather(*futures)
+        except asyncio.CancelledError:  # the client went away: drop what has not run yet
+            for future in futures:
+                future.cancel()
+            raise
+        except EngineError as exc:
+            for future in futures:
+                future.cancel()
+            self.metrics.rejected.labels(loaded.name, exc.code).inc()
+            raise
+        except Exception as exc:
+            for future in futures:
+                future.cancel()
+            log.exception("request %s failed on %s", request_id, loaded.name)
+            raise InferenceFailed(f"inference failed on model {loaded.name!r}: {type(exc).__name__}") from exc
+        results = [result for result, _ in answers]
+        for result in results:
+            self.metrics.lambda_entropy.labels(loaded.name).observe(result.lambda_entropy)
+            if result.selected_transform is not None:
+                self.metrics.selected_transform.labels(loaded.name, result.selected_transform).inc()
+        infos = [info for _, info in answers]
+        return ClassifyOutput(
+            model=loaded.name,
+            method=method,
+            group=loaded.spec.group,
+            results=results,
+            queue_s=max(i.queue_s for i in infos),
+            inference_s=max(i.inference_s for i in infos),
+            batch_size=max(i.batch_size for i in infos),
+        )
