@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         settings = settings_from_args(args)
         logging.basicConfig(
-            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
         )
         return serve(settings)
     parser.error(f"unknown command {args.command!r}")

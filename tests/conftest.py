@@ -28,3 +28,58 @@ def photo(name: str) -> np.ndarray:
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+# -- a tiny model repository and an app client, for API tests (infinity's dummy-model idea) --
+
+TINY_LABELS = ["cat", "dog", "bird"]
+
+
+def write_tiny_model(models_dir: Path, name: str = "tiny", group: str = "c4", trained_lambda: bool = True) -> Path:
+    """A random-init resnet18 on 32x32 inputs with 3 labels and a random (\"trained\") λ-net."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from app.equivariance import LambdaNet
+
+    folder = models_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "description": "test model",
+        "backbone": {"family": "torchvision", "options": {"arch": "resnet18", "num_classes": 3, "input_size": 32}},
+        "group": group,
+        "labels": TINY_LABELS,
+        "default_method": "equitune",
+    }
+    if trained_lambda:
+        torch.manual_seed(1)
+        save_file(LambdaNet(512).state_dict(), str(folder / "lambda_net.safetensors"))
+        spec["lambda_net"] = "lambda_net.safetensors"
+    (folder / "model.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+@pytest.fixture
+def tiny_models_dir(tmp_path: Path) -> Path:
+    write_tiny_model(tmp_path)
+    return tmp_path
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

@@ -28,9 +28,7 @@ def test_equitune_is_the_mean() -> None:
 def test_equitune_equals_lambda_with_constant_lambda() -> None:
     aligned = torch.randn(8, 5, 7)
     const = torch.full((8, 5), 3.7)
-    torch.testing.assert_close(
-        combine(aligned, "lambda", log_lambda=const).output, combine(aligned, "equitune").output
-    )
+    torch.testing.assert_close(combine(aligned, "lambda", log_lambda=const).output, combine(aligned, "equitune").output)
 
 
 def test_equizero_equals_lambda_with_an_indicator_lambda() -> None:

@@ -27,6 +27,16 @@ Image.MAX_IMAGE_PIXELS = None
 
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream")
 
+# Leading bytes of the formats we read: a file that starts like an image but does not open
+# is a broken image (400); anything else is not an image at all (415).
+IMAGE_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
+)  # fmt: skip
+
+
+def looks_like_an_image(data: bytes) -> bool:
+    return data.startswith(IMAGE_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
 
 def check_content_type(content_type: str | None) -> None:
     if content_type and not content_type.lower().startswith(ACCEPTED_CONTENT_TYPES):
@@ -51,6 +61,8 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 0, content_typ
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
+        if looks_like_an_image(data):
+            raise UndecodableImage("the image data is corrupt or truncated") from exc
         raise UnsupportedMediaType("not an image in a format we read (JPEG, PNG, WebP, GIF, BMP, TIFF)") from exc
     except Exception as exc:
         raise UndecodableImage(f"cannot read the image header: {exc}") from exc

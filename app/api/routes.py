@@ -71,7 +71,11 @@ CLASSIFY_BODY = {
                     "properties": {
                         "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
                         "method": {"type": "string", "enum": ["vanilla", "equitune", "equizero", "lambda"]},
-                        "top_k": {"type": "integer", "minimum": 1, "default": 5},
+                        "top_k": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "default: 5, or the number of labels if fewer",
+                        },
                         "labels": {
                             "type": "array",
                             "items": {"type": "string"},
@@ -188,7 +192,7 @@ def build_router() -> APIRouter:
 
 async def read_classify_request(
     request: Request, settings: Settings
-) -> tuple[list[tuple[bytes, str | None]], str | None, int, list[str] | None]:
+) -> tuple[list[tuple[bytes, str | None]], str | None, int | None, list[str] | None]:
     """Parse multipart or JSON into (images as (bytes, content type), method, top_k, labels)."""
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
@@ -205,7 +209,7 @@ async def read_classify_request(
             check_content_type(f.content_type)
             payloads.append((await f.read(), f.content_type))
         method = form.get("method")
-        top_k = parse_int(form.get("top_k"), "top_k", default=5)
+        top_k = parse_int(form.get("top_k"), "top_k")
         raw_labels = [v for v in form.getlist("labels") if isinstance(v, str)]
         labels = parse_labels(raw_labels)
         return payloads, method if isinstance(method, str) and method else None, top_k, labels
@@ -225,9 +229,9 @@ class UnsupportedMediaTypeBody(EngineError):
     status, code = 415, "unsupported_media_type"
 
 
-def parse_int(value: object, field: str, default: int) -> int:
+def parse_int(value: object, field: str) -> int | None:
     if value is None or value == "":
-        return default
+        return None
     try:
         return int(str(value))
     except ValueError as exc:
@@ -307,4 +311,3 @@ def classify_response(output: ClassifyOutput) -> dict[str, Any]:
             "batch_size": output.batch_size,
         },
     }
-

@@ -26,7 +26,7 @@ class ClassifyJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
     images: list[ImagePayload] = Field(min_length=1)
     method: str | None = Field(None, description="vanilla | equitune | equizero | lambda (default: the model's)")
-    top_k: int = Field(5, description="how many predictions per image")
+    top_k: int | None = Field(None, description="predictions per image (default: 5, or the number of labels if fewer)")
     labels: list[str] | None = Field(None, description="zero-shot models: the label set to choose from")
 
 

@@ -80,16 +80,14 @@ class ImageBackbone(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         return self.head(self.encode(pixels))
 
-    def to_runtime(self, device: str | torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> ImageBackbone:
+    def to_runtime(
+        self, device: str | torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = False
+    ) -> ImageBackbone:
         """Move to ``device`` in ``dtype`` for inference (eval mode; buffers stay float32)."""
         self.eval()
-        self.to(device=device)
-        for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                p.data = p.data.to(dtype)
-            for name, b in module.named_buffers(recurse=False):
-                if b.is_floating_point() and name not in ("mean", "std"):
-                    module._buffers[name] = b.to(dtype)
+        self.to(device=device, dtype=dtype)
+        # Normalisation runs in float32 on raw pixels, before the cast to the model dtype.
+        self.mean, self.std = self.mean.float(), self.std.float()
         self.channels_last = channels_last and torch.device(device).type == "cuda"
         if self.channels_last:
             self.to(memory_format=torch.channels_last)

@@ -141,12 +141,17 @@ def _static_width(model: Any, output_name: str) -> int:
     return int(dims[1].dim_value)
 
 
-def select_providers(device: torch.device) -> list[str]:
+def _with_index(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:0``, so that devices compare equal and ORT gets a device id."""
+    return torch.device("cuda", 0) if device.type == "cuda" and device.index is None else device
+
+
+def select_providers(device: torch.device) -> list[str | tuple[str, dict[str, Any]]]:
     """CUDA first when asked for and installed (onnxruntime-gpu), always CPU as the fallback."""
     import onnxruntime as ort
 
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -204,8 +209,7 @@ class OnnxBackbone(ImageBackbone):
         import onnx
         import onnxruntime as ort
 
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", 0)
+        device = _with_index(device)
         if trunk is None or head is None:
             trunk, head = _split(onnx.load(str(self.path)))
         requested = select_providers(device)
@@ -257,9 +261,7 @@ class OnnxBackbone(ImageBackbone):
             log.warning("%s: ONNX graphs run in float32 as exported; ignoring dtype %s", self.name, dtype)
         del channels_last  # layout is onnxruntime's business
         self.eval()
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", 0)
+        device = _with_index(torch.device(device))
         if device != self._requested:  # the usual case, construct on cpu then move, re-reads once
             self._build_sessions(device)
         return self

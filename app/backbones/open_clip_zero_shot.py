@@ -172,7 +172,9 @@ def build_tokenizer(model_name: str, model_cfg: dict[str, Any] | None) -> Any:
     return SimpleTokenizer(context_length=context_length, **kwargs)
 
 
-def resolve_pretrained(model_name: str, pretrained: str | None, *, custom_cfg: bool) -> tuple[Path | None, dict]:
+def resolve_pretrained(
+    model_name: str, pretrained: str | None, *, custom_cfg: bool
+) -> tuple[Path | None, dict[str, Any]]:
     """``pretrained`` -> (checkpoint file or None, the tag's config: mean, std, quick_gelu, ...).
 
     A local file wins over a tag of the same name; a tag is downloaded by open_clip (to its
@@ -192,7 +194,10 @@ def resolve_pretrained(model_name: str, pretrained: str | None, *, custom_cfg: b
             f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name!r}; "
             f"tags: {list_pretrained_tags_by_model(model_name)}"
         )
-    return Path(download_pretrained(tag_cfg)), dict(tag_cfg)
+    downloaded = download_pretrained(tag_cfg)
+    if not downloaded:
+        raise ValueError(f"open_clip has no download location for {model_name!r} / {pretrained!r}")
+    return Path(downloaded), dict(tag_cfg)
 
 
 class OpenClipZeroShot(ImageBackbone):

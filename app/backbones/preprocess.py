@@ -42,5 +42,10 @@ def resize_center_crop(image: Tensor, size: int) -> Tensor:
 
 def pixels_from_uint8(array: np.ndarray, size: int) -> Tensor:
     """An ``uint8 [H, W, 3]`` RGB image -> float ``[3, size, size]`` in ``[0, 1]``."""
-    tensor = torch.from_numpy(np.require(array, dtype=np.uint8, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
+    tensor = (
+        torch.from_numpy(np.require(array, dtype=np.uint8, requirements=["C", "W"]))
+        .permute(2, 0, 1)
+        .float()
+        .div_(255.0)
+    )
     return resize_center_crop(tensor, size).contiguous()

@@ -15,6 +15,7 @@ the model computes; the next batch fills during the current forward pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -155,10 +156,8 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _wait(self, timeout: float | None) -> None:
         self._wakeup.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def _take_batch(self) -> list[_Pending[T]]:
         """Pop up to ``max_batch_size`` live items, answering expired and skipping cancelled ones."""

@@ -27,6 +27,8 @@ from .runner import ImageItem, ImageResult, ImageRunner
 
 log = logging.getLogger("equiserve.engine")
 
+DEFAULT_TOP_K = 5  # capped at the number of labels
+
 
 @dataclass(frozen=True)
 class ClassifyOutput:
@@ -76,9 +78,10 @@ class Engine:
                 runner.warmup(self.settings.max_batch_size)
             self.models[name] = loaded
             self.runners[name] = runner
+            seconds = time.perf_counter() - started
             log.info(
                 "loaded %s (%s, group %s, %s/%s) in %.1f s",
-                name, loaded.backbone.name, loaded.spec.group, loaded.device, loaded.dtype, time.perf_counter() - started,
+                name, loaded.backbone.name, loaded.spec.group, loaded.device, loaded.dtype, seconds,
             )  # fmt: skip
         if not self.models:
             raise ModelLoadError(f"no model to serve in {self.settings.models_dir}")
@@ -89,7 +92,11 @@ class Engine:
             self.batchers[name] = self._make_batcher(name)
             self.batchers[name].start()
             self.metrics.model_info.labels(
-                name, loaded.backbone.name, loaded.spec.group, loaded.device.type, str(loaded.dtype).removeprefix("torch.")
+                name,
+                loaded.backbone.name,
+                loaded.spec.group,
+                loaded.device.type,
+                str(loaded.dtype).removeprefix("torch."),
             ).set(1)
         self.ready = True
 
@@ -137,8 +144,8 @@ class Engine:
             raise NotReady("the models are still loading")
 
     def validate(
-        self, loaded: LoadedModel, n_images: int, method: str | None, top_k: int, labels: Sequence[str] | None
-    ) -> tuple[Method, tuple[str, ...] | None]:
+        self, loaded: LoadedModel, n_images: int, method: str | None, top_k: int | None, labels: Sequence[str] | None
+    ) -> tuple[Method, int, tuple[str, ...] | None]:
         """Everything about a request that depends on its model; raises with the right status."""
         s = self.settings
         if n_images < 1:
@@ -168,9 +175,11 @@ class Engine:
         elif loaded.zero_shot and not loaded.backbone.labels:
             raise InvalidInput(f"{loaded.name} is zero-shot: send 'labels'")
         num_labels = len(label_set) if label_set is not None else len(loaded.backbone.labels)
+        if top_k is None:
+            top_k = min(DEFAULT_TOP_K, num_labels)
         if not 1 <= top_k <= num_labels:
             raise InvalidInput(f"top_k must be between 1 and {num_labels}")
-        return chosen, label_set
+        return chosen, top_k, label_set
 
     async def classify(
         self,
@@ -178,13 +187,13 @@ class Engine:
         images: Sequence[np.ndarray],
         *,
         method: str | None = None,
-        top_k: int = 5,
+        top_k: int | None = None,
         labels: Sequence[str] | None = None,
         request_id: str = "",
     ) -> ClassifyOutput:
         self.check_accepting()
         loaded = self.get_model(model)
-        chosen, label_set = self.validate(loaded, len(images), method, top_k, labels)
+        chosen, top_k, label_set = self.validate(loaded, len(images), method, top_k, labels)
         self._inflight += 1
         self.metrics.inflight.inc()
         try:

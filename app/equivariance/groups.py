@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "GroupElement",
+    "IMAGE_GROUPS",
     "FiniteGroup",
+    "GroupElement",
     "ImageGroup",
     "PermutationGroup",
-    "IMAGE_GROUPS",
     "image_group",
 ]
 
@@ -210,9 +210,7 @@ class ImageGroup(FiniteGroup):
     def pixel_perms(self, height: int, width: int, device: torch.device) -> Tensor:
         """``[n, H*W]`` gather indices over flattened pixels, one row per element."""
         if height != width and any(k % 2 for k, _ in self._d4):
-            raise ValueError(
-                f"group {self.name!r} rotates by 90 degrees and needs square inputs; got {height}x{width}"
-            )
+            raise ValueError(f"group {self.name!r} rotates by 90 degrees and needs square inputs; got {height}x{width}")
         grid = torch.arange(height * width).reshape(height, width)
         return torch.stack([_d4_apply(grid, e).reshape(-1) for e in self._d4]).to(device)
 
@@ -229,7 +227,6 @@ class ImageGroup(FiniteGroup):
         perms = self.pixel_perms(height, width, y.device)[self.inverse_index.to(y.device)]
         flat = y.reshape(*lead, height * width)
         return self._gather_per_copy(flat, perms, dim=-1).reshape(y.shape)
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,10 +313,9 @@ def image_group(name: str) -> ImageGroup:
     return _image_group_cached(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _image_group_cached(name: str) -> ImageGroup:
     return ImageGroup(name)
 
 
 IMAGE_GROUPS: tuple[str, ...] = tuple(_IMAGE_GROUP_ELEMENTS)
-
