@@ -83,3 +83,24 @@ def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+# A 2-layer ViT CLIP on 32x32 inputs with a 2-layer text tower: random init, builds in ms.
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_clip(models_dir: Path, name: str = "tinyclip", default_labels: list[str] | None = None) -> Path:
+    import yaml
+
+    folder = models_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    options = {"model_name": "tiny-clip", "model_cfg": TINY_CLIP_CFG}
+    if default_labels:
+        options["default_labels"] = default_labels
+    spec = {"backbone": {"family": "open_clip", "options": options}, "group": "c4", "default_method": "equizero"}
+    (folder / "model.yaml").write_text(yaml.safe_dump(spec))
+    return folder

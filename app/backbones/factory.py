@@ -28,3 +28,12 @@ def create_backbone(family: str, **options: Any) -> ImageBackbone:
 
         return OnnxBackbone(**options)
     raise ValueError(f"unknown backbone family {family!r}; choose from {FAMILIES}")
+
+
+def weights_are_local(family: str, **options: Any) -> bool:
+    """Whether building this backbone needs no download (only open_clip tags may need one)."""
+    if family == "open_clip":
+        from .open_clip_zero_shot import pretrained_is_local
+
+        return pretrained_is_local(options.get("model_name", "ViT-B-32"), options.get("pretrained"))
+    return True

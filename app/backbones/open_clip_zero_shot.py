@@ -15,6 +15,7 @@ sees a ``TypeError``, and a checkpoint uploaded by a user must never be fully un
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import zipfile
 from collections import OrderedDict
@@ -198,6 +199,21 @@ def resolve_pretrained(
     if not downloaded:
         raise ValueError(f"open_clip has no download location for {model_name!r} / {pretrained!r}")
     return Path(downloaded), dict(tag_cfg)
+
+
+def pretrained_is_local(model_name: str, pretrained: str | None) -> bool:
+    """Whether ``pretrained`` loads without the network: a file, or a tag already in the cache."""
+    if pretrained is None or Path(pretrained).is_file():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import get_pretrained_cfg
+
+    hub = get_pretrained_cfg(model_name, pretrained).get("hf_hub", "")
+    if not hub:
+        return False
+    repo_id, filename = os.path.split(hub)
+    candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in candidates)
 
 
 class OpenClipZeroShot(ImageBackbone):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.backbones.factory import weights_are_local
 from app.config import Settings
 from app.equivariance import Method
 from app.metrics import Metrics
@@ -58,21 +59,23 @@ class Engine:
         return self.settings.models or list_models(self.settings.models_dir)
 
     def load(self) -> None:
-        """Load every configured model (blocking; call from a thread). Fails on the first bad one."""
+        """Load every configured model (blocking; call from a thread). Fails on the first bad one.
+
+        Without ``EQUISERVE_MODELS``, entries marked ``optional`` whose weights would need a
+        download (a CLIP tag not yet cached) are skipped; naming them loads (downloads) them.
+        """
         requested = self.settings.models is not None
         for name in self.model_names_to_load():
             started = time.perf_counter()
-            try:
-                loaded = load_model(
-                    self.settings.models_dir, name, self.settings.device, self.settings.dtype,
-                    self.settings.channels_last,
-                )  # fmt: skip
-            except ModelLoadError as exc:
-                optional = not requested and read_spec(model_dir(self.settings.models_dir, name)).optional
-                if optional:
-                    log.warning("skipping optional model %s: %s", name, exc)
+            if not requested:
+                spec = read_spec(model_dir(self.settings.models_dir, name))
+                if spec.optional and not weights_are_local(spec.backbone.family, **spec.backbone.options):
+                    log.info("skipping %s: its weights are not on this machine (EQUISERVE_MODELS=%s fetches them)",
+                             name, name)  # fmt: skip
                     continue
-                raise
+            loaded = load_model(
+                self.settings.models_dir, name, self.settings.device, self.settings.dtype, self.settings.channels_last
+            )
             runner = ImageRunner(loaded)
             if self.settings.warmup:
                 runner.warmup(self.settings.max_batch_size)

@@ -54,7 +54,7 @@ class ModelSpec(BaseModel):
     lambda_net: str | None = Field(None, description="safetensors file of a trained λ-net")
     head: str | None = Field(None, description="safetensors file of a linear head (weight, bias)")
     labels: list[str] | str | None = Field(None, description="label names, or a text file with one per line")
-    optional: bool = Field(False, description="skip quietly (not fail) when the weights cannot be had")
+    optional: bool = Field(False, description="skip, unless named in EQUISERVE_MODELS, when the weights need a download")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

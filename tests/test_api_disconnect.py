@@ -1,0 +1,59 @@
+"""A client that disconnects while its request is queued: its image never reaches the model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+from asgi_lifespan import LifespanManager
+
+from app.server import create_app
+from tests.apptools import make_settings
+from tests.conftest import png_bytes
+
+
+async def test_disconnected_request_is_dropped_before_the_forward_pass(tiny_models_dir: Path) -> None:
+    app = create_app(make_settings(tiny_models_dir, max_wait_ms=300, max_batch_size=8))
+    image = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    body = json.dumps({"images": [{"b64": base64.b64encode(image).decode()}]}).encode()
+    async with LifespanManager(app) as manager:
+        engine = app.state.engine
+        batcher = engine.batchers["tiny"]
+        batches_before = batcher.stats.batches
+        sent: list[dict] = []
+        body_sent = asyncio.Event()
+        hang_up = asyncio.Event()
+
+        async def receive() -> dict:
+            if not body_sent.is_set():
+                body_sent.set()
+                return {"type": "http.request", "body": body, "more_body": False}
+            await hang_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/v1/models/tiny/classify", "raw_path": b"/v1/models/tiny/classify", "query_string": b"",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1234), "server": ("test", 80), "root_path": "",
+        }  # fmt: skip
+        call = asyncio.ensure_future(manager.app(scope, receive, send))
+        for _ in range(100):  # wait until the image is queued
+            await asyncio.sleep(0.005)
+            if batcher.depth == 1:
+                break
+        assert batcher.depth == 1
+        hang_up.set()  # the client goes away while its image waits for the batch timer
+        await asyncio.wait_for(call, 5)
+        await asyncio.sleep(0.5)  # past the 300 ms batch timer
+        assert batcher.stats.cancelled == 1
+        assert batcher.stats.batches == batches_before  # no forward pass ran for it
+        assert engine.idle
+        statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+        assert statuses in ([], [499])  # nobody is listening; nothing else is sent

@@ -1,0 +1,38 @@
+"""Every knob is an env var and a CLI flag."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.__main__ import build_parser, settings_from_args
+from app.config import Settings
+
+
+def test_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EQUISERVE_MODELS", "a, b,")
+    monkeypatch.setenv("EQUISERVE_MAX_BATCH_SIZE", "64")
+    monkeypatch.setenv("EQUISERVE_API_KEY", "")
+    monkeypatch.setenv("EQUISERVE_CHANNELS_LAST", "false")
+    s = Settings()
+    assert s.models == ["a", "b"] and s.max_batch_size == 64 and s.api_key is None and not s.channels_last
+
+
+def test_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EQUISERVE_PORT", "9000")
+    monkeypatch.setenv("EQUISERVE_MAX_WAIT_MS", "7")
+    args = build_parser().parse_args(["serve", "--port", "9100", "--models", "x,y", "--no-warmup"])
+    s = settings_from_args(args)
+    assert s.port == 9100 and s.models == ["x", "y"] and s.warmup is False and s.max_wait_ms == 7
+
+
+def test_every_setting_has_a_flag() -> None:
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in help_text
+        assert f"EQUISERVE_{name.upper()}" in help_text
+
+
+def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EQUISERVE_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValueError):
+        Settings()

@@ -1,0 +1,94 @@
+"""The real server process: SIGTERM drains (ready 503, new requests 503, accepted ones answered,
+exit code 0); a broken model repository fails start-up with a clear error and exit code != 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import png_bytes
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(models_dir: Path, port: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "EQUISERVE_LOG_LEVEL": "info"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--models-dir", str(models_dir), "--device", "cpu", *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def wait_ready(base: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{process.stdout.read() if process.stdout else ''}")
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not become ready")
+
+
+def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_models_dir: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    # A long batch timer keeps accepted requests queued while we look at the draining server.
+    process = start(tiny_models_dir, port, "--max-wait-ms", "2500", "--max-batch-size", "64")
+    try:
+        wait_ready(base, process)
+        image = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+        def classify() -> int:
+            files = [("image", ("a.png", image, "image/png"))]
+            return httpx.post(f"{base}/v1/models/tiny/classify", files=files, timeout=30).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            accepted = [pool.submit(classify) for _ in range(8)]
+            time.sleep(1.0)  # all eight are queued behind the 2.5 s timer
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            ready = httpx.get(f"{base}/health/ready", timeout=5)
+            assert ready.status_code == 503 and ready.json()["status"] == "draining"
+            late = httpx.post(f"{base}/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
+            assert late.status_code == 503 and late.json()["error"]["code"] == "not_ready"
+            assert [f.result() for f in accepted] == [200] * 8
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_corrupt_weights_fail_start_up_naming_the_file(tiny_models_dir: Path) -> None:
+    (tiny_models_dir / "tiny" / "lambda_net.safetensors").write_bytes(b"not a safetensors file")
+    process = start(tiny_models_dir, free_port())
+    try:
+        code = process.wait(timeout=120)
+        output = process.stdout.read() if process.stdout else ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code != 0
+    assert "lambda_net.safetensors" in output
