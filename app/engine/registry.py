@@ -54,7 +54,7 @@ class ModelSpec(BaseModel):
     lambda_net: str | None = Field(None, description="safetensors file of a trained λ-net")
     head: str | None = Field(None, description="safetensors file of a linear head (weight, bias)")
     labels: list[str] | str | None = Field(None, description="label names, or a text file with one per line")
-    optional: bool = Field(False, description="skip, unless named in EQUISERVE_MODELS, when the weights need a download")
+    optional: bool = Field(False, description="skip when the weights need a download, unless named")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
