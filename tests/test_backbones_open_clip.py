@@ -14,7 +14,7 @@ from app.backbones.open_clip_zero_shot import (
     load_state_dict_safely,
     resolve_pretrained,
 )
-from app.equivariance import EquivariantModel, LambdaNet, Method, image_group
+from app.equivariance import IMAGE_GROUPS, EquivariantModel, LambdaNet, Method, image_group
 
 # A 2-layer ViT on 32x32 images (patch 8) with a 2-layer text tower: builds in milliseconds.
 TINY_VIT: dict[str, Any] = {
@@ -159,7 +159,7 @@ def test_no_default_labels_and_bad_inputs() -> None:
         OpenClipZeroShot("no-such-model")
 
 
-@pytest.mark.parametrize("group_name", ["c4", "hflip", "d4"])
+@pytest.mark.parametrize("group_name", IMAGE_GROUPS)
 @pytest.mark.parametrize("method", list(Method))
 def test_equivariant_zero_shot(backbone: OpenClipZeroShot, group_name: str, method: Method) -> None:
     group = image_group(group_name)
