@@ -203,3 +203,10 @@ async def test_openapi_documents_both_body_forms(tiny_models_dir: Path) -> None:
         assert {"multipart/form-data", "application/json"} <= set(body)
         assert body["application/json"]["examples"]
         assert (await client.get("/docs")).status_code == 200
+
+
+async def test_metrics_can_be_protected_health_stays_open(tiny_models_dir: Path) -> None:
+    async with serving(make_settings(tiny_models_dir, api_key="k", protect_metrics=True)) as (client, _):
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/metrics", headers={"Authorization": "Bearer k"})).status_code == 200
+        assert (await client.get("/health/ready")).status_code == 200

@@ -7,6 +7,7 @@ and a client disconnect still reaches the route (which drops its queued work).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import Metrics
+
+log = logging.getLogger("equiserve.access")
 
 INFERENCE_PATH = re.compile(r"^/v1/models/(?P<model>[^/]+)/(?P<endpoint>classify|generate)$")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -54,7 +57,8 @@ class RequestContextMiddleware:
         headers = dict(scope.get("headers", []))
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        # A fresh dict: scope["state"] may be the lifespan state shared by every request.
+        scope["state"] = {**scope.get("state", {}), "request_id": request_id}
 
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -89,9 +93,12 @@ class RequestContextMiddleware:
         finally:
             if match is not None:
                 model = match["model"] if match["model"] in self.served_models() else "unknown"
-                endpoint = match["endpoint"]
-                self.metrics.requests.labels(model, endpoint, str(status_holder["status"])).inc()
-                self.metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - started)
+                endpoint, status, seconds = match["endpoint"], status_holder["status"], time.perf_counter() - started
+                self.metrics.requests.labels(model, endpoint, str(status)).inc()
+                self.metrics.request_duration.labels(model, endpoint).observe(seconds)
+                # Ids, sizes and outcomes only: never image bytes, labels or prompts.
+                log.info("request_id=%s model=%s endpoint=%s status=%d bytes=%d ms=%.1f",
+                         request_id, model, endpoint, status, received, seconds * 1000)  # fmt: skip
 
     async def _reject(self, scope: Scope, send: Send, request_id: str) -> None:
         body, headers = error_json(

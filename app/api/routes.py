@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import Settings
 from app.engine.engine import ClassifyOutput, Engine
@@ -185,6 +186,8 @@ def build_router() -> APIRouter:
 
     @router.get("/metrics", tags=["metrics"], response_class=Response)
     async def metrics(request: Request) -> Response:
+        if settings_of(request).protect_metrics:
+            require_api_key(request)
         return Response(engine_of(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return router
@@ -196,9 +199,16 @@ async def read_classify_request(
     """Parse multipart or JSON into (images as (bytes, content type), method, top_k, labels)."""
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
-        form = await request.form(
-            max_files=settings.max_images + 1, max_fields=settings.max_labels + 8, max_part_size=settings.max_body_bytes
-        )
+        try:
+            form = await request.form(
+                max_files=settings.max_images, max_fields=settings.max_labels + 8, max_part_size=settings.max_body_bytes
+            )
+        except StarletteHTTPException as exc:  # starlette's multipart limits and parse errors
+            if "Too many files" in exc.detail:
+                raise TooLarge(f"more than {settings.max_images} images in one request (EQUISERVE_MAX_IMAGES)") from exc
+            if "Too many fields" in exc.detail:
+                raise TooLarge(f"more than {settings.max_labels} labels in one request (EQUISERVE_MAX_LABELS)") from exc
+            raise MalformedBody(f"malformed multipart body: {exc.detail}") from exc
         files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
         if len(files) > settings.max_images:
             raise TooLarge(f"more than {settings.max_images} images in one request (EQUISERVE_MAX_IMAGES)")
@@ -223,6 +233,10 @@ async def read_classify_request(
         payloads = [(decode_base64(img.b64, settings.max_body_bytes), None) for img in body.images]
         return payloads, body.method, body.top_k, body.labels
     raise UnsupportedMediaTypeBody(f"send multipart/form-data or application/json, not {content_type!r}")
+
+
+class MalformedBody(EngineError):
+    status, code = 400, "malformed_body"
 
 
 class UnsupportedMediaTypeBody(EngineError):

@@ -1,14 +1,16 @@
-"""Resize and centre-crop in float, so that preprocessing commutes with the image groups.
+"""Centre-crop and resize, in float, so that preprocessing commutes with the image groups.
 
 Rotating an upload by 90° must give the same pixels as rotating the preprocessed image,
-otherwise "rotate the photo, get the same answer" fails before the group ever acts. Two
+otherwise "rotate the photo, get the same answer" fails before the group ever acts. Three
 details make that exact (up to float rounding):
 
-* the resize is an antialiased bilinear interpolation on a float tensor, which treats
-  both axes alike and is symmetric under flips (PIL's integer pipeline is not);
-* the crop must take as many pixels off one side as off the other. When the resized long
-  side minus the short side is odd, no integer crop is centred, so we resize the long side
-  to the nearest length with an even difference instead (less than one pixel of stretch).
+* the crop takes as many pixels off one side as off the other. A centred square crop is
+  impossible when ``long - short`` is odd, so we keep one extra row/column of the long side
+  then (a ``short x (short + 1)`` region, stretched by less than one pixel in the resize);
+* the resize is an antialiased bilinear interpolation on a float tensor, which treats both
+  axes alike and is symmetric under flips (PIL's integer pipeline is not);
+* cropping comes first, on the uint8 image: memory stays bounded by the upload's pixels
+  and a 1x10000 strip does not become a 224x2240000 float tensor.
 """
 
 from __future__ import annotations
@@ -19,33 +21,29 @@ from torch import Tensor
 from torch.nn import functional as F
 
 
-def target_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """Resized ``(h, w)``: the short side becomes ``size``, ``long - size`` is even."""
-    short, long = (height, width) if height <= width else (width, height)
-    scaled_long = long * size / short
-    new_long = size + 2 * round((scaled_long - size) / 2)
-    return (size, new_long) if height <= width else (new_long, size)
+def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """``(top, left, crop_h, crop_w)`` of the centred, symmetric crop of an ``H x W`` image."""
+    short = min(height, width)
+    crop_h = short + (height - short) % 2
+    crop_w = short + (width - short) % 2
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
 def resize_center_crop(image: Tensor, size: int) -> Tensor:
-    """``[..., C, H, W]`` float -> ``[..., C, size, size]`` float (resize short side, crop)."""
-    height, width = image.shape[-2:]
-    new_h, new_w = target_size(height, width, size)
-    if (new_h, new_w) != (height, width):
-        lead = image.shape[:-3]
-        batched = image.reshape(-1, *image.shape[-3:])
-        batched = F.interpolate(batched, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        image = batched.reshape(*lead, *batched.shape[-3:])
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return image[..., top : top + size, left : left + size]
+    """``[..., C, H, W]`` -> ``[..., C, size, size]`` float: centre crop, then resize."""
+    top, left, crop_h, crop_w = crop_box(*image.shape[-2:])
+    image = image[..., top : top + crop_h, left : left + crop_w]
+    if (crop_h, crop_w) == (size, size):
+        return image.float()
+    lead = image.shape[:-3]
+    batched = image.reshape(-1, *image.shape[-3:]).float()
+    batched = F.interpolate(batched, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return batched.reshape(*lead, *batched.shape[-3:])
 
 
 def pixels_from_uint8(array: np.ndarray, size: int) -> Tensor:
     """An ``uint8 [H, W, 3]`` RGB image -> float ``[3, size, size]`` in ``[0, 1]``."""
-    tensor = (
-        torch.from_numpy(np.require(array, dtype=np.uint8, requirements=["C", "W"]))
-        .permute(2, 0, 1)
-        .float()
-        .div_(255.0)
-    )
-    return resize_center_crop(tensor, size).contiguous()
+    top, left, crop_h, crop_w = crop_box(*array.shape[:2])
+    cropped = np.array(array[top : top + crop_h, left : left + crop_w], dtype=np.uint8, copy=True)  # writable
+    tensor = torch.from_numpy(cropped).permute(2, 0, 1)
+    return resize_center_crop(tensor, size).div_(255.0).contiguous()
