@@ -67,7 +67,9 @@ ACCEPTED: dict[str, Callable[[], bytes]] = {
     "1-bit": lambda: encode(rgb().convert("1"), "PNG"),
     "palette": lambda: encode(rgb().convert("P"), "PNG"),
     "rgba": lambda: encode(rgb().convert("RGBA"), "PNG"),
-    "16-bit grayscale": lambda: encode(Image.fromarray((np.arange(1600).reshape(40, 40) * 40).astype(np.uint16)), "PNG"),
+    "16-bit grayscale": lambda: encode(
+        Image.fromarray((np.arange(1600).reshape(40, 40) * 40).astype(np.uint16)), "PNG"
+    ),  # noqa: E501
     "cmyk jpeg": lambda: encode(rgb().convert("CMYK"), "JPEG"),
     "progressive jpeg": lambda: encode(rgb(), "JPEG", progressive=True),
     "webp": lambda: encode(rgb(), "WEBP"),
