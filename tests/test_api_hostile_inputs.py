@@ -69,7 +69,7 @@ ACCEPTED: dict[str, Callable[[], bytes]] = {
     "rgba": lambda: encode(rgb().convert("RGBA"), "PNG"),
     "16-bit grayscale": lambda: encode(
         Image.fromarray((np.arange(1600).reshape(40, 40) * 40).astype(np.uint16)), "PNG"
-    ),  # noqa: E501
+    ),
     "cmyk jpeg": lambda: encode(rgb().convert("CMYK"), "JPEG"),
     "progressive jpeg": lambda: encode(rgb(), "JPEG", progressive=True),
     "webp": lambda: encode(rgb(), "WEBP"),
