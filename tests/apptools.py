@@ -1,7 +1,14 @@
-"""Start the real app (with its lifespan) behind an httpx AsyncClient."""
+"""Start the real app: in process (with its lifespan) behind an httpx AsyncClient, or as a
+`python -m app serve` subprocess."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,6 +20,8 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.server import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_settings(models_dir: Path, **overrides: Any) -> Settings:
@@ -27,3 +36,46 @@ async def serving(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, 
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
             yield client, app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess(subprocess.Popen):
+    """``python -m app serve`` whose output goes to a file: a pipe nobody reads would fill up
+    and block the server's logging (and with it the server)."""
+
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(models_dir: Path, port: int, *extra: str) -> ServerProcess:
+    env = {**os.environ, "EQUISERVE_LOG_LEVEL": "info"}
+    log_path = Path(tempfile.mkstemp(prefix="equiserve-", suffix=".log")[1])
+    with log_path.open("w") as log:
+        process = ServerProcess(
+            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--models-dir", str(models_dir), "--device", "cpu", *extra],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    process.log_path = log_path
+    return process
+
+
+def wait_ready(base: str, process: ServerProcess, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{process.output()}")
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not become ready")

@@ -3,11 +3,7 @@ exit code 0); a broken model repository fails start-up with a clear error and ex
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,46 +12,17 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.apptools import free_port, start_server, wait_ready
 from tests.conftest import png_bytes
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(models_dir: Path, port: int, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "EQUISERVE_LOG_LEVEL": "info"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--models-dir", str(models_dir), "--device", "cpu", *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def wait_ready(base: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early:\n{process.stdout.read() if process.stdout else ''}")
-        try:
-            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server did not become ready")
 
 
 def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_models_dir: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     # A long batch timer keeps accepted requests queued while we look at the draining server.
-    process = start(tiny_models_dir, port, "--max-wait-ms", "2500", "--max-batch-size", "64")
+    process = start_server(tiny_models_dir, port, "--max-wait-ms", "2500", "--max-batch-size", "64")
     try:
         wait_ready(base, process)
         image = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
@@ -83,10 +50,10 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_models_dir: Path) 
 
 def test_corrupt_weights_fail_start_up_naming_the_file(tiny_models_dir: Path) -> None:
     (tiny_models_dir / "tiny" / "lambda_net.safetensors").write_bytes(b"not a safetensors file")
-    process = start(tiny_models_dir, free_port())
+    process = start_server(tiny_models_dir, free_port())
     try:
         code = process.wait(timeout=120)
-        output = process.stdout.read() if process.stdout else ""
+        output = process.output()
     finally:
         if process.poll() is None:
             process.kill()

@@ -46,6 +46,24 @@ def require_api_key(request: Request) -> None:
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
+def inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
+    """Replace ``$ref``s into the schema's own ``$defs`` by their content: a request body
+    schema in ``openapi_extra`` cannot point into ``components`` that nothing registers."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {
@@ -60,6 +78,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         504: "deadline passed while queued",
     }.items()
 }
+
+# A real 2x2 PNG, so that "Try it out" in /docs and schema fuzzers send a decodable image.
+EXAMPLE_PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISfHwMDAxMDAwMDAAAANBAEIfXHKZgAAAABJRU5ErkJggg=="
+)
 
 CLASSIFY_BODY = {
     "requestBody": {
@@ -87,12 +110,12 @@ CLASSIFY_BODY = {
                 "encoding": {"image": {"contentType": "image/*"}},
             },
             "application/json": {
-                "schema": ClassifyJSON.model_json_schema(ref_template="#/components/schemas/{model}"),
+                "schema": inline_definitions(ClassifyJSON.model_json_schema()),
                 "examples": {
-                    "fixed labels": {"value": {"images": [{"b64": "<base64 JPEG>"}], "method": "lambda", "top_k": 3}},
+                    "fixed labels": {"value": {"images": [{"b64": EXAMPLE_PNG_B64}], "method": "lambda", "top_k": 3}},
                     "zero-shot": {
                         "value": {
-                            "images": [{"b64": "<base64 PNG>"}],
+                            "images": [{"b64": EXAMPLE_PNG_B64}],
                             "method": "equizero",
                             "top_k": 2,
                             "labels": ["cat", "dog", "espresso"],
