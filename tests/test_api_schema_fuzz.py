@@ -24,7 +24,7 @@ def test_schemathesis_finds_no_server_error(tiny_models_dir: Path) -> None:
             [cli, "run", f"http://127.0.0.1:{port}/openapi.json",
              "--checks", "not_a_server_error,status_code_conformance,content_type_conformance",
              "--max-examples", "40", "--seed", "1", "--no-color"],
-            capture_output=True, text=True, timeout=400,
+            capture_output=True, text=True, timeout=400, cwd=tiny_models_dir,  # its cache dir goes there
         )  # fmt: skip
     finally:
         process.terminate()
