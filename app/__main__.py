@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="start the HTTP server")
     settings_parser(serve_parser)
+    from app.training.cli import add_evaluate_parser, add_train_parser  # their flags; the work is imported on run
+
+    add_train_parser(commands)
+    add_evaluate_parser(commands)
+    from app.training.text_cli import add_text_parsers  # train-text, evaluate-fairness (language models)
+
+    add_text_parsers(commands)
     return parser
 
 
@@ -110,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
             stream=sys.stderr,
         )
         return serve(settings)
+    if args.command == "train":
+        from app.training.cli import run_train
+
+        return run_train(args, argv)
+    if args.command == "evaluate":
+        from app.training.cli import run_evaluate
+
+        return run_evaluate(args)
+    if args.command in ("train-text", "evaluate-fairness"):
+        from app.training.text_cli import run_text
+
+        return run_text(args, argv)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="inference dtype on CUDA (the CPU always runs float32)"
     )
-    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    channels_last: bool = Field(True, description="channels_last memory format (faster convolutions, CPU and CUDA)")
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per fused forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more, from its FIRST item")
     queue_size: int = Field(512, ge=1, description="images waiting per model before 429")

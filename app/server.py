@@ -11,11 +11,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.generate import build_generate_router
 from app.api.middleware import BodyTooLarge, RequestContextMiddleware
 from app.api.routes import build_router, validation_message
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.errors import EngineError, QueueFull
+from app.engine.text_engine import TextEngine
 
 log = logging.getLogger("equiserve.server")
 
@@ -37,26 +39,31 @@ def error_response(request: Request, status: int, code: str, message: str, heade
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
     engine = engine or Engine(settings)
+    text_engine = TextEngine(settings, engine.metrics, parent=engine)  # language models (task generate)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
-        log.info("ready: serving %s", ", ".join(engine.models))
+        await text_engine.start()
+        log.info("ready: serving %s", ", ".join([*engine.models, *text_engine.models]))
         try:
             yield
         finally:
+            await text_engine.stop()
             await engine.stop()
             log.info("stopped: every accepted request was answered")
 
     app = FastAPI(title="equiserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.text_engine = text_engine
     app.include_router(build_router())
+    app.include_router(build_generate_router())
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
         metrics=engine.metrics,
-        served_models=lambda: set(engine.models),
+        served_models=lambda: set(engine.models) | set(text_engine.models),
     )
 
     @app.exception_handler(EngineError)
@@ -80,7 +87,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

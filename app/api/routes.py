@@ -169,6 +169,8 @@ def build_router() -> APIRouter:
                     description=loaded.spec.description,
                 )
             )
+        text_engine = getattr(request.app.state, "text_engine", None)  # language models (task generate)
+        cards += [ModelCard(**card) for card in (text_engine.cards() if text_engine is not None else [])]
         return ModelList(models=cards)
 
     @router.post(

@@ -82,7 +82,7 @@ class ModelCard(BaseModel):
     lambda_trained: bool
     device: str
     dtype: str
-    input_size: int
+    input_size: int | None = Field(description="image side in pixels; null for language models")
     description: str
 
 

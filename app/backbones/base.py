@@ -8,6 +8,7 @@ pretrained model split where equiserve needs it: ``encode`` (pixels -> the featu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +89,9 @@ class ImageBackbone(nn.Module):
         self.to(device=device, dtype=dtype)
         # Normalisation runs in float32 on raw pixels, before the cast to the model dtype.
         self.mean, self.std = self.mean.float(), self.std.float()
-        self.channels_last = channels_last and torch.device(device).type == "cuda"
+        # channels_last speeds convolutions up on CUDA and on the CPU too (EfficientNet-Lite0 at
+        # 224 px: 1.7x on this 2-core Xeon; up to 4-15x at 64 px), with outputs equal to ~1e-5.
+        self.channels_last = channels_last
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
         return self
@@ -122,3 +125,21 @@ class LinearHeadBackbone(ImageBackbone):
         ref = self.classifier.weight
         self.classifier = head.to(device=ref.device, dtype=ref.dtype)
         self.labels = list(labels)
+
+    def trunk_state(self) -> dict[str, Tensor]:
+        """Every weight but the head's (``classifier.*``): what a fine-tuned backbone saves."""
+        return {
+            k: v.detach().cpu().clone().contiguous()
+            for k, v in self.state_dict().items()
+            if not k.startswith("classifier.")
+        }
+
+    def load_trunk(self, path: str | Path) -> None:
+        """Load ``trunk_state`` from a safetensors file (written by ``python -m app train``)
+        over the current weights; safetensors, so loading cannot run code."""
+        from safetensors.torch import load_file
+
+        missing, unexpected = self.load_state_dict(load_file(str(path)), strict=False)
+        missing = [k for k in missing if not k.startswith("classifier.")]
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit {self.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")

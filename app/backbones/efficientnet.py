@@ -82,12 +82,20 @@ class EfficientNetLite(LinearHeadBackbone):
             std=STD,
         )
         net = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
-        if pretrained or weights_path is not None:
-            path = Path(weights_path) if weights_path is not None else packaged_weights_path(variant)
+        # A .safetensors weights_path is a trunk fine-tuned by `python -m app train`, loaded over
+        # the packaged (or random) weights; any other path is a reference .pth state dict.
+        trunk_file = (
+            Path(weights_path) if weights_path is not None and Path(weights_path).suffix == ".safetensors" else None
+        )
+        reference = None if trunk_file is not None else weights_path
+        if pretrained or reference is not None:
+            path = Path(reference) if reference is not None else packaged_weights_path(variant)
             net.load_state_dict(to_timm_state_dict(load_reference_state_dict(path), net.state_dict()))
         self.classifier = net.classifier
         net.reset_classifier(0)  # the trunk now returns pooled features [N, 1280]
         self.trunk = net
+        if trunk_file is not None:
+            self.load_trunk(trunk_file)
         self.eval()
 
     def _encode(self, x: Tensor) -> Tensor:

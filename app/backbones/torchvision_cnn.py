@@ -7,6 +7,8 @@ downloads to its cache once.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import Tensor, nn
 
 from .base import LinearHeadBackbone
@@ -26,7 +28,10 @@ class TorchvisionClassifier(LinearHeadBackbone):
         pretrained: bool = False,
         num_classes: int | None = None,
         input_size: int = 224,
+        weights_path: str | Path | None = None,
     ) -> None:
+        """``weights_path``: a safetensors trunk (e.g. fine-tuned by ``python -m app train``),
+        loaded over the ``pretrained`` (or random) weights."""
         import torchvision
 
         if arch not in ARCHITECTURES:
@@ -51,6 +56,10 @@ class TorchvisionClassifier(LinearHeadBackbone):
         self.classifier = classifier
         if num_classes is not None:
             self.replace_head(labels)
+        if weights_path is not None:
+            if Path(weights_path).suffix != ".safetensors":
+                raise ValueError(f"weights_path must be a .safetensors file, not {weights_path}")
+            self.load_trunk(weights_path)
         self.eval()
 
     def _encode(self, x: Tensor) -> Tensor:

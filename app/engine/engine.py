@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,8 @@ class Engine:
         self.draining = False
         self._preprocess = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         self._inflight = 0
+        # Engines served beside this one (the text engine): drained with it, and idle only together.
+        self.companions: list[Any] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
     def model_names_to_load(self) -> list[str]:
@@ -65,14 +68,17 @@ class Engine:
         download (a CLIP tag not yet cached) are skipped; naming them loads (downloads) them.
         """
         requested = self.settings.models is not None
+        language_models = 0
         for name in self.model_names_to_load():
             started = time.perf_counter()
-            if not requested:
-                spec = read_spec(model_dir(self.settings.models_dir, name))
-                if spec.optional and not weights_are_local(spec.backbone.family, **spec.backbone.options):
-                    log.info("skipping %s: its weights are not on this machine (EQUISERVE_MODELS=%s fetches them)",
-                             name, name)  # fmt: skip
-                    continue
+            spec = read_spec(model_dir(self.settings.models_dir, name))
+            if spec.task == "generate":  # a language model: the text engine loads it
+                language_models += 1
+                continue
+            if not requested and spec.optional and not weights_are_local(spec.backbone.family, **spec.backbone.options):
+                log.info("skipping %s: its weights are not on this machine (EQUISERVE_MODELS=%s fetches them)",
+                         name, name)  # fmt: skip
+                continue
             loaded = load_model(
                 self.settings.models_dir, name, self.settings.device, self.settings.dtype, self.settings.channels_last
             )
@@ -86,7 +92,7 @@ class Engine:
                 "loaded %s (%s, group %s, %s/%s) in %.1f s",
                 name, loaded.backbone.name, loaded.spec.group, loaded.device, loaded.dtype, seconds,
             )  # fmt: skip
-        if not self.models:
+        if not self.models and not language_models:
             raise ModelLoadError(f"no model to serve in {self.settings.models_dir}")
 
     async def start(self) -> None:
@@ -122,10 +128,13 @@ class Engine:
     def begin_drain(self) -> None:
         """Readiness turns 503 and new requests are refused; accepted ones are still answered."""
         self.draining = True
+        for companion in self.companions:
+            companion.begin_drain()
 
     @property
     def idle(self) -> bool:
-        return self._inflight == 0 and all(b.idle for b in self.batchers.values())
+        busy = self._inflight or not all(b.idle for b in self.batchers.values())
+        return not busy and all(c.idle for c in self.companions)
 
     async def stop(self) -> None:
         self.draining = True

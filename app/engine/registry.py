@@ -22,6 +22,8 @@ from app.backbones.base import ImageBackbone, LinearHeadBackbone
 from app.backbones.factory import create_backbone
 from app.equivariance import IMAGE_GROUPS, EquivariantModel, LambdaNet, Method, ZeroLoss, image_group
 
+from .text_spec import GenerationSpec, TextGroupSpec, check_generate_spec
+
 log = logging.getLogger("equiserve.registry")
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -34,7 +36,7 @@ class ModelLoadError(RuntimeError):
 class BackboneSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    family: Literal["efficientnet_lite", "torchvision", "open_clip", "onnx"]
+    family: Literal["efficientnet_lite", "torchvision", "open_clip", "onnx", "causal_lm"]
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the backbone class")
 
 
@@ -44,7 +46,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    task: Literal["classify"] = "classify"
+    task: Literal["classify", "generate"] = "classify"
     description: str = ""
     backbone: BackboneSpec
     group: str
@@ -55,10 +57,14 @@ class ModelSpec(BaseModel):
     head: str | None = Field(None, description="safetensors file of a linear head (weight, bias)")
     labels: list[str] | str | None = Field(None, description="label names, or a text file with one per line")
     optional: bool = Field(False, description="skip when the weights need a download, unless named")
+    text_group: TextGroupSpec | None = Field(None, description="task generate: how the word-swap group is built")
+    generation: GenerationSpec | None = Field(None, description="task generate: limits and defaults")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
-        if self.group not in IMAGE_GROUPS:
+        if self.task == "generate":  # a language model: served by app.engine.text_engine
+            check_generate_spec(self.backbone.family, self.group, self.text_group, self.head, self.labels)
+        elif self.group not in IMAGE_GROUPS:
             raise ValueError(f"unknown group {self.group!r}; choose from {list(IMAGE_GROUPS)}")
         if self.default_method not in self.methods:
             raise ValueError(f"default_method {self.default_method.value!r} is not among methods")
@@ -160,6 +166,8 @@ def load_model(
 ) -> LoadedModel:
     folder = model_dir(models_dir, name)
     spec = read_spec(folder)
+    if spec.task != "classify":
+        raise ModelLoadError(f"{name} is a language model: app.engine.generation.load_text_model loads it")
     options = dict(spec.backbone.options)
     for key in ("weights_path", "checkpoint", "path"):  # files named by the entry live in its folder
         if isinstance(options.get(key), str) and not Path(options[key]).is_absolute():

@@ -1,0 +1,148 @@
+"""Helpers every benchmark script shares: machine description, statistics, JSON reports, tables.
+
+Kept apart from the scripts so that each one records the same machine facts (the load
+average above all: this machine is shared and other people's jobs run during our runs)
+and computes percentiles the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` finds `app` without installing it
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to compare numbers across runs; torch is imported lazily."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname_is_shared": True,
+    }
+    try:
+        import torch
+
+        info["torch_version"] = torch.__version__
+        info["torch_num_threads"] = torch.get_num_threads()
+        info["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name(0)
+            info["cuda_version"] = torch.version.cuda
+    except ImportError:
+        pass
+    for env in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if env in os.environ:
+            info[env] = os.environ[env]
+    return info
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def command_line() -> str:
+    return shlex.join([sys.executable, *sys.argv])
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
+
+
+def latency_summary_ms(latencies_s: Sequence[float]) -> dict[str, float | int | None]:
+    """p50/p95/p99/mean/max in milliseconds of a list of seconds."""
+    ms = np.asarray(latencies_s, dtype=float) * 1e3
+    if not len(ms):
+        return {"n": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None, "max_ms": None}
+    return {
+        "n": len(ms),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p95_ms": round(float(np.percentile(ms, 95)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "mean_ms": round(float(ms.mean()), 2),
+        "max_ms": round(float(ms.max()), 2),
+    }
+
+
+def report_header(benchmark: str, started: dt.datetime, note: str, load_start: list[float] | None) -> dict[str, Any]:
+    return {
+        "benchmark": benchmark,
+        "timestamp": started.isoformat(timespec="seconds"),
+        "duration_s": round((utc_now() - started).total_seconds(), 1),
+        "command": command_line(),
+        "note": note,
+        "machine": {**machine_info(), "load_average_start": load_start, "load_average_end": load_average()},
+    }
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def fmt(value: float | int | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "") -> None:
+    """A rich table (plain text when rich is missing); the first column is left-aligned."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print(" | ".join(columns))
+        for row in rows:
+            print(" | ".join(row))
+        return
+    table = Table(title=title, title_justify="left", caption=caption or None, caption_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=160).print(table)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """The same rows as Markdown, for pasting into bench/README.md."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

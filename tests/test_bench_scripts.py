@@ -1,0 +1,157 @@
+"""Each bench/ script, run end to end with the tiniest settings, so that none of them rots.
+
+They start real `python -m app serve` subprocesses (a tiny random-init model where the
+script allows it), hence ``slow``. Speed is never asserted; only that the run completes,
+writes its JSON, and the reliability invariants hold (every request answered once).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import write_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def run_script(script: str, *args: str, timeout: float = 300) -> None:
+    completed = subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+
+def read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    models = tmp_path / "models"
+    write_tiny_model(models)
+    return models
+
+
+def test_bench_service_smoke(tmp_path: Path, tiny_dir: Path) -> None:
+    out = tmp_path / "service.json"
+    run_script(
+        "bench_service.py",
+        "--model",
+        "tiny",
+        "--models-dir",
+        str(tiny_dir),
+        "--servers",
+        "equiserve",
+        "naive",
+        "--concurrency",
+        "1",
+        "2",
+        "--duration",
+        "1.5",
+        "--warmup",
+        "0.3",
+        "--raw-batch-sizes",
+        "1",
+        "2",
+        "--raw-rounds",
+        "2",
+        "--raw-budget-s",
+        "2",
+        "--paired-reps",
+        "2",
+        "--max-batch-size",
+        "2",
+        "--photos",
+        "2",
+        "--out",
+        str(out),
+    )
+    report = read(out)
+    assert [s["server"] for s in report["servers"]] == ["equiserve", "naive"]
+    for server in report["servers"]:
+        for segment in server["segments"]:
+            assert segment["transport_errors"] == 0 and segment["ok"] > 0
+    assert {r["batch_size"] for r in report["raw_ceiling"]["results"]} == {1, 2}
+    assert "p50_c1_minus_raw_forward_ms" in report["analysis"]["targets"]
+    assert report["machine"]["load_average_start"] is not None
+
+
+def test_bench_overload_smoke(tmp_path: Path, tiny_dir: Path) -> None:
+    out = tmp_path / "overload.json"
+    run_script(
+        "bench_overload.py",
+        "--model",
+        "tiny",
+        "--models-dir",
+        str(tiny_dir),
+        "--calibrate-s",
+        "1.5",
+        "--calibrate-concurrency",
+        "2",
+        "--duration",
+        "2",
+        "--factor",
+        "10",
+        "--settle-s",
+        "1",
+        "--probe-s",
+        "0.5",
+        "--photos",
+        "2",
+        "--server-args",
+        "--max-batch-size 2 --queue-size 2",
+        "--out",
+        str(out),
+    )
+    report = read(out)
+    tally = report["tally"]
+    assert tally["exactly_one_answer_each"] and tally["server_total_equals_sent"]
+    assert tally["sent"] == tally["status_200"] + tally["status_429"] + sum(tally["other_statuses"].values())
+    assert report["rss_mib"]["baseline"] is not None
+
+
+def test_bench_soak_smoke(tmp_path: Path, tiny_dir: Path) -> None:
+    out = tmp_path / "soak.json"
+    run_script(
+        "bench_soak.py",
+        "--model",
+        "tiny",
+        "--models-dir",
+        str(tiny_dir),
+        "--minutes",
+        "0.05",
+        "--concurrency",
+        "2",
+        "--out",
+        str(out),
+    )
+    report = read(out)
+    assert all(row["expected"] for row in report["preflight"].values()), report["preflight"]
+    assert report["summary"]["transport_errors"] == 0 and not report["summary"]["unexpected"]
+
+
+def test_bench_gpu_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    run_script(
+        "bench_gpu.py",
+        "--smoke",
+        "--models",
+        "clip-vit-b32-c4",
+        "--concurrency",
+        "1",
+        "--duration",
+        "1",
+        "--out",
+        str(out),
+    )
+    report = read(out)
+    assert report["smoke"] and report["card"] == "cpu-smoke"
+    load = report["models"]["clip-vit-b32-c4"]["load"]
+    assert load and load[0]["ok"] > 0 and load[0]["transport_errors"] == 0
