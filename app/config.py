@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     protect_metrics: bool = Field(False, description="when set with an API key, /metrics needs it too")
     warmup: bool = Field(True, description="run a max-size batch per model before turning ready")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to wait for accepted requests")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads for inference (default: torch's choice, one per core)"
+    )
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and resizing images")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 

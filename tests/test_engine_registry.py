@@ -118,3 +118,13 @@ def test_optional_models_needing_a_download_are_skipped_unless_named(tmp_path: P
     engine = Engine(Settings(models_dir=tmp_path, device="cpu", warmup=False))
     engine.load()
     assert list(engine.models) == ["tiny"]
+
+
+def test_torch_threads_setting_applies(tmp_path: Path) -> None:
+    write_tiny_model(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        Engine(Settings(models_dir=tmp_path, device="cpu", warmup=False, torch_threads=1)).load()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from app.backbones.factory import weights_are_local
 from app.config import Settings
@@ -67,6 +68,9 @@ class Engine:
         Without ``EQUISERVE_MODELS``, entries marked ``optional`` whose weights would need a
         download (a CLIP tag not yet cached) are skipped; naming them loads (downloads) them.
         """
+        if self.settings.torch_threads is not None:
+            # Process-wide. On a shared or CPU-limited host fewer threads than cores can be much faster.
+            torch.set_num_threads(self.settings.torch_threads)
         requested = self.settings.models is not None
         language_models = 0
         for name in self.model_names_to_load():
