@@ -157,3 +157,17 @@ async def test_metrics_hooks_are_called() -> None:
     await batcher.close()
     assert sum(seen["batch"]) == 4 and len(seen["queued"]) == 4
     assert max(seen["depth"]) >= 1 and seen["depth"][-1] == 0
+
+
+async def test_admission_sheds_what_would_miss_its_deadline() -> None:
+    handler = Recorder(delay_s=0.2)
+    batcher = await started(handler, max_batch_size=1, max_wait_s=0.0, queue_size=100)
+    batcher.check_admission(5, timeout_s=0.1)  # no batch measured yet: nothing to predict from
+    await batcher.submit(1, 5)  # one batch measured: ~0.2 s per batch of one
+    assert 0.15 < batcher.predicted_wait_s(1) < 1.0
+    batcher.check_admission(1, timeout_s=5.0)
+    with pytest.raises(QueueFull, match="overloaded"):
+        batcher.check_admission(3, timeout_s=0.3)  # three batches in front of the last: ~0.6 s
+    with pytest.raises(QueueFull, match="full"):
+        batcher.check_admission(101, timeout_s=100)
+    await batcher.close()

@@ -146,6 +146,25 @@ class DynamicBatcher(Generic[T, R]):
     def free_slots(self) -> int:
         return self.queue_size - len(self._queue)
 
+    def predicted_wait_s(self, n_items: int) -> float:
+        """How long ``n_items`` more would wait, from the last batch's duration (0 before any):
+        the batch in flight plus every full batch queued in front of them and their own."""
+        batches = -(-(len(self._queue) + n_items) // self.max_batch_size)  # ceil
+        return (batches + int(self._busy)) * self._last_batch_s
+
+    def check_admission(self, n_items: int, timeout_s: float) -> None:
+        """Refuse (``QueueFull``, 429) ``n_items`` that do not fit the queue, or that would
+        only wait past their deadline: shedding at once beats accepting and answering 504."""
+        if self.free_slots() < n_items:
+            raise QueueFull(f"the queue of {self.name!r} is full", self.retry_after_s())
+        wait = self.predicted_wait_s(n_items)
+        if wait > timeout_s:
+            raise QueueFull(
+                f"model {self.name!r} is overloaded: a new request would wait ~{wait:.1f} s, over its "
+                f"{timeout_s:g} s deadline",
+                self.retry_after_s(),
+            )
+
     async def submit(self, item: T, timeout_s: float, request_id: str = "") -> tuple[R, BatchInfo]:
         return await self.submit_nowait(item, timeout_s, request_id)
 

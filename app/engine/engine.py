@@ -218,6 +218,13 @@ class Engine:
             self._inflight -= 1
             self.metrics.inflight.dec()
 
+    def _admit(self, batcher: DynamicBatcher[ImageItem, ImageResult], n_images: int) -> None:
+        try:
+            batcher.check_admission(n_images, self.settings.request_timeout_s)
+        except QueueFull:
+            self.metrics.rejected.labels(batcher.name, "queue_full").inc()
+            raise
+
     async def _classify(
         self,
         loaded: LoadedModel,
@@ -229,15 +236,11 @@ class Engine:
     ) -> ClassifyOutput:
         batcher = self.batchers[loaded.name]
         runner = self.runners[loaded.name]
-        if batcher.free_slots() < len(images):  # shed before spending CPU on preprocessing
-            self.metrics.rejected.labels(loaded.name, "queue_full").inc()
-            raise QueueFull(f"the queue of {loaded.name!r} is full", batcher.retry_after_s())
+        self._admit(batcher, len(images))  # shed before spending CPU on preprocessing
         loop = asyncio.get_running_loop()
         pixels = await asyncio.gather(*(loop.run_in_executor(self._preprocess, runner.preprocess, im) for im in images))
         # Check again and queue all images with no await in between: all or none are accepted.
-        if batcher.free_slots() < len(images):
-            self.metrics.rejected.labels(loaded.name, "queue_full").inc()
-            raise QueueFull(f"the queue of {loaded.name!r} is full", batcher.retry_after_s())
+        self._admit(batcher, len(images))
         self.check_accepting()
         futures = [
             batcher.submit_nowait(ImageItem(p, method, top_k, labels), self.settings.request_timeout_s, request_id)
