@@ -188,6 +188,9 @@ def build_router() -> APIRouter:
         engine.check_accepting()
         loaded = engine.get_model(name)
         payloads, method, top_k, labels = await read_classify_request(request, settings_of(request))
+        # Shed before decoding: under overload, decoding what will be refused anyway starves
+        # the requests that were accepted (and makes the 429 itself slow).
+        engine.check_capacity(name, len(payloads))
         settings = settings_of(request)
         images = await asyncio.gather(
             *(

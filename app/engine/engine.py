@@ -218,6 +218,12 @@ class Engine:
             self._inflight -= 1
             self.metrics.inflight.dec()
 
+    def check_capacity(self, model: str, n_images: int) -> None:
+        """Raise ``QueueFull`` (429) now if ``n_images`` for ``model`` would be refused later:
+        lets the HTTP layer shed a request before it spends CPU decoding its images."""
+        if model in self.batchers:
+            self._admit(self.batchers[model], n_images)
+
     def _admit(self, batcher: DynamicBatcher[ImageItem, ImageResult], n_images: int) -> None:
         try:
             batcher.check_admission(n_images, self.settings.request_timeout_s)
