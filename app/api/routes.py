@@ -187,9 +187,11 @@ def build_router() -> APIRouter:
         engine = engine_of(request)
         engine.check_accepting()
         loaded = engine.get_model(name)
+        # Shed before reading the body, and again (with the image count) before decoding: under
+        # overload, parsing and decoding what will be refused anyway starves the accepted
+        # requests and makes the 429 itself slow.
+        engine.check_capacity(name, 1)
         payloads, method, top_k, labels = await read_classify_request(request, settings_of(request))
-        # Shed before decoding: under overload, decoding what will be refused anyway starves
-        # the requests that were accepted (and makes the 429 itself slow).
         engine.check_capacity(name, len(payloads))
         settings = settings_of(request)
         images = await asyncio.gather(
