@@ -191,9 +191,9 @@ def build_router() -> APIRouter:
         # overload, parsing and decoding what will be refused anyway starves the accepted
         # requests and makes the 429 itself slow.
         engine.check_capacity(name, 1)
-        payloads, method, top_k, labels = await read_classify_request(request, settings_of(request))
-        engine.check_capacity(name, len(payloads))
         settings = settings_of(request)
+        payloads, method, top_k, labels = await read_classify_request(request, settings)
+        engine.check_capacity(name, len(payloads))
         images = await asyncio.gather(
             *(
                 run_in_threadpool(

@@ -168,12 +168,7 @@ class Engine:
             raise InvalidInput("send at least one image")
         if n_images > s.max_images:
             raise TooLarge(f"{n_images} images in one request; the limit is {s.max_images} (EQUISERVE_MAX_IMAGES)")
-        chosen = Method(method) if method in {m.value for m in Method} else None
-        if method is None:
-            chosen = loaded.spec.default_method
-        if chosen is None or chosen not in loaded.spec.methods:
-            allowed = [m.value for m in loaded.spec.methods]
-            raise InvalidInput(f"method {method!r} is not served by {loaded.name}; choose from {allowed}")
+        chosen = loaded.spec.resolve_method(method)
         label_set: tuple[str, ...] | None = None
         if labels is not None:
             if not loaded.zero_shot:

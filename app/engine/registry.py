@@ -22,6 +22,7 @@ from app.backbones.base import ImageBackbone, LinearHeadBackbone
 from app.backbones.factory import create_backbone
 from app.equivariance import IMAGE_GROUPS, EquivariantModel, LambdaNet, Method, ZeroLoss, image_group
 
+from .errors import InvalidInput
 from .text_spec import GenerationSpec, TextGroupSpec, check_generate_spec
 
 log = logging.getLogger("equiserve.registry")
@@ -71,6 +72,15 @@ class ModelSpec(BaseModel):
         if self.head is not None and self.labels is None:
             raise ValueError("a head needs its labels")
         return self
+
+    def resolve_method(self, method: str | None) -> Method:
+        """A request's ``method`` (None: the default), refused (422) unless this entry serves it."""
+        if method is None:
+            return self.default_method
+        if method not in {m.value for m in self.methods}:
+            allowed = [m.value for m in self.methods]
+            raise InvalidInput(f"method {method!r} is not served by {self.name}; choose from {allowed}")
+        return Method(method)
 
 
 @dataclass

@@ -201,12 +201,7 @@ class TextEngine:
         limits = model.limits
         if len(prompt) > limits.max_prompt_chars:
             raise TooLarge(f"the prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}")
-        chosen = Method(method) if method in {m.value for m in Method} else None
-        if method is None:
-            chosen = model.spec.default_method
-        if chosen is None or chosen not in model.spec.methods:
-            allowed = [m.value for m in model.spec.methods]
-            raise InvalidInput(f"method {method!r} is not served by {model.name}; choose from {allowed}")
+        chosen = model.spec.resolve_method(method)
         new_tokens = limits.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         if new_tokens < 1:
             raise InvalidInput("max_new_tokens must be at least 1")
