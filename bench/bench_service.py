@@ -49,7 +49,7 @@ from benchlib import REPO_ROOT, RESULTS_DIR
 DEFAULT_OUT = RESULTS_DIR / "service_cpu.json"
 MODEL = loadgen.DEFAULT_MODEL
 METHOD = "equitune"
-ALL_SERVERS = ("equiserve", "naive", "naive-async", "litserve")
+ALL_SERVERS = ("equiserve", "naive", "naive-ort", "naive-async", "litserve")
 
 
 # -- 1. the raw ceiling --------------------------------------------------------------------------
@@ -58,14 +58,16 @@ ALL_SERVERS = ("equiserve", "naive", "naive-async", "litserve")
 class RawBench:
     """The served model in this process: ``ImageRunner`` on preprocessed real photos, no HTTP."""
 
-    def __init__(self, photos: Sequence[loadgen.Photo], model: str, models_dir: Path | None) -> None:
+    def __init__(
+        self, photos: Sequence[loadgen.Photo], model: str, models_dir: Path | None, runtime: str = "auto"
+    ) -> None:
         from app.api.images import decode_image
         from app.config import DEFAULT_MODELS_DIR
         from app.engine.registry import load_model
         from app.engine.runner import ImageItem, ImageRunner
         from app.equivariance import Method
 
-        self.loaded = load_model(models_dir or DEFAULT_MODELS_DIR, model, "cpu", "float32")
+        self.loaded = load_model(models_dir or DEFAULT_MODELS_DIR, model, "cpu", "float32", runtime=runtime)
         self.runner = ImageRunner(self.loaded)
         pixels = [
             self.runner.preprocess(decode_image(p.data, max_pixels=50_000_000, min_side=self.runner.input_size))
@@ -107,6 +109,7 @@ class RawBench:
             "backbone": self.loaded.backbone.name,
             "group": self.loaded.spec.group,
             "group_order": self.loaded.model.group.order,
+            "runtime": self.loaded.runtime,
             "torch_threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -165,16 +168,18 @@ def server_factory(name: str, args: argparse.Namespace) -> Callable[[int], loadg
             extra += ["--max-batch-size", name.split(":", 1)[1].removeprefix("b")]
         else:
             extra += ["--max-batch-size", str(args.max_batch_size)]
-        extra += ["--max-wait-ms", str(args.max_wait_ms)]
+        extra += ["--max-wait-ms", str(args.max_wait_ms), "--runtime", args.runtime]
         return lambda port: loadgen.equiserve_server(
             port, *extra, model=args.model, models_dir=args.models_dir, threads=args.threads, name=name
         )
-    if name in ("naive", "naive-async"):
+    if name in ("naive", "naive-ort", "naive-async"):
         mode = "async" if name == "naive-async" else "sync"
-        script = [py, "bench/peers/naive_server.py", "--mode", mode, *model_args]
+        runtime = "onnxruntime" if name == "naive-ort" else "torch"  # naive: eager torch, as users write it
+        script = [py, "bench/peers/naive_server.py", "--mode", mode, "--runtime", runtime, *model_args]
         return lambda port: loadgen.ManagedServer(name, [*script, "--port", str(port)], port, env=env)
     if name == "litserve":
         batching = ["--max-batch-size", str(args.max_batch_size), "--batch-timeout-ms", str(args.max_wait_ms)]
+        batching += ["--runtime", args.runtime]  # the same runner as equiserve: compares the serving layers
         script = [py, "bench/peers/litserve_server.py", *batching, *model_args]
         return lambda port: loadgen.ManagedServer(
             name, [*script, "--port", str(port)], port, ready_path="/health", env=env
@@ -312,6 +317,7 @@ def analyse(raw: dict[str, Any], servers: Sequence[dict[str, Any]], concurrencie
     eq_name = next((e["server"] for e in servers if e["server"].startswith("equiserve")), "equiserve")
     eq = by_concurrency(servers, eq_name)
     naive = by_concurrency(servers, "naive")
+    naive_ort = by_concurrency(servers, "naive-ort")
     lit = by_concurrency(servers, "litserve")
     raw_b1 = next((r for r in raw["results"] if r["batch_size"] == 1), None)
     ratios = []
@@ -329,7 +335,7 @@ def analyse(raw: dict[str, Any], servers: Sequence[dict[str, Any]], concurrencie
                 row["service_over_raw"] = round(seg["throughput_rps"] / paired["requests_per_s"], 3)
             if swept:
                 row["service_over_raw_sweep"] = round(seg["throughput_rps"] / swept, 3)
-            for peer_name, peer in (("naive", naive), ("litserve", lit)):
+            for peer_name, peer in (("naive", naive), ("naive_ort", naive_ort), ("litserve", lit)):
                 if c in peer and peer[c]["throughput_rps"]:
                     row[f"service_over_{peer_name}"] = round(seg["throughput_rps"] / peer[c]["throughput_rps"], 3)
                     # On a shared machine a server with more runnable threads gets a bigger CPU
@@ -428,6 +434,7 @@ def print_report(report: dict[str, Any]) -> None:
             benchlib.fmt(r.get("raw_sweep_rps_at_mean_batch"), 2),
             benchlib.fmt(r.get("service_over_raw_sweep"), 2),
             benchlib.fmt(r.get("service_over_naive"), 2),
+            benchlib.fmt(r.get("service_over_naive_ort"), 2),
             benchlib.fmt(r.get("service_over_litserve"), 2),
             benchlib.fmt(r.get("cpu_efficiency_over_naive"), 2),
             benchlib.fmt(r.get("cpu_efficiency_over_litserve"), 2),
@@ -444,6 +451,7 @@ def print_report(report: dict[str, Any]) -> None:
             "raw sweep at mean B",
             "/sweep",
             "/naive",
+            "/naive-ort",
             "/litserve",
             "per CPU-s /naive",
             "per CPU-s /litserve",
@@ -481,7 +489,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         nargs="+",
-        default=["equiserve", "naive", "litserve"],
+        default=["equiserve", "naive", "naive-ort", "litserve"],
         help=f"any of {ALL_SERVERS}, or equiserve:bN (max batch N)",
     )
     parser.add_argument("--max-batch-size", type=int, default=32, help="equiserve and LitServe")
@@ -489,6 +497,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--equiserve-args", nargs="*", default=[], help="more `python -m app serve` flags")
     parser.add_argument("--threads", type=int, default=None, help="torch threads everywhere (default: torch's)")
     parser.add_argument("--model", default=MODEL, help="model served by every server")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "onnxruntime"),
+        default="auto",
+        help="backbone runtime of equiserve, the raw ceiling and LitServe (naive: torch; naive-ort: onnxruntime)",
+    )
     parser.add_argument("--models-dir", type=Path, default=None, help="model repository (default: models/)")
     parser.add_argument("--photos", type=int, default=None, help="use only the first N photos")
     parser.add_argument("--profile", action="store_true", help="py-spy profile of each server at top concurrency")
@@ -526,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = None
     if not args.skip_raw:
         print(f"raw ceiling at B={args.raw_batch_sizes} (up to ~{args.raw_budget_s:.0f} s) ...", file=sys.stderr)
-        bench = RawBench(photos, args.model, args.models_dir)
+        bench = RawBench(photos, args.model, args.models_dir, args.runtime)
         raw = bench.sweep(args.raw_batch_sizes, rounds=args.raw_rounds, budget_s=args.raw_budget_s)
     profile_dir = args.out.parent / "profiles" if args.profile else None
     servers = [load_server(name, args, templates, profile_dir, bench) for name in args.servers]
@@ -543,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "equiserve_args": args.equiserve_args,
+        "runtime": args.runtime,
         "threads": args.threads,
         "raw_batch_sizes": args.raw_batch_sizes,
         "quick": args.quick,

@@ -25,7 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_settings(models_dir: Path, **overrides: Any) -> Settings:
-    defaults: dict[str, Any] = {"models_dir": models_dir, "max_batch_size": 8, "max_wait_ms": 5, "device": "cpu"}
+    # torch runs the tiny test models, so fault-injection tests can patch torch modules and no
+    # start pays for an export; tests/test_backbones_onnx_cache.py, the real-model tests and
+    # the bench smoke runs cover the onnxruntime default.
+    defaults: dict[str, Any] = {
+        "models_dir": models_dir, "max_batch_size": 8, "max_wait_ms": 5, "device": "cpu", "runtime": "torch",
+    }  # fmt: skip
     return Settings(**{**defaults, **overrides})
 
 
@@ -55,7 +60,7 @@ class ServerProcess(subprocess.Popen):
 
 
 def start_server(models_dir: Path, port: int, *extra: str) -> ServerProcess:
-    env = {**os.environ, "EQUISERVE_LOG_LEVEL": "info"}
+    env = {"EQUISERVE_RUNTIME": "torch", **os.environ, "EQUISERVE_LOG_LEVEL": "info"}
     log_path = Path(tempfile.mkstemp(prefix="equiserve-", suffix=".log")[1])
     with log_path.open("w") as log:
         process = ServerProcess(

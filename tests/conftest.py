@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,36 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """ONNX exports go to one cache per test session (servers started as subprocesses too),
+    never to the user's ~/.cache."""
+    import os
+
+    os.environ.setdefault("EQUISERVE_ONNX_CACHE_DIR", str(tmp_path_factory.mktemp("onnx-cache")))
+
+
 # -- a tiny model repository and an app client, for API tests (infinity's dummy-model idea) --
 
 TINY_LABELS = ["cat", "dog", "bird"]
 
 
+@functools.cache
+def _tiny_weights() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One seeded random resnet18 (trunk, head): every tiny model, in every process, has the
+    same weights, so a server and a benchmark's raw pass agree and ONNX exports are reused."""
+    from app.backbones.torchvision_cnn import TorchvisionClassifier
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    backbone = TorchvisionClassifier("resnet18", num_classes=len(TINY_LABELS), input_size=32)
+    torch.random.set_rng_state(state)
+    head = {k: v.detach().clone() for k, v in backbone.classifier.state_dict().items()}
+    return backbone.trunk_state(), head
+
+
 def write_tiny_model(models_dir: Path, name: str = "tiny", group: str = "c4", trained_lambda: bool = True) -> Path:
-    """A random-init resnet18 on 32x32 inputs with 3 labels and a random (\"trained\") λ-net."""
+    """A seeded random resnet18 on 32x32 inputs with 3 labels and a random (\"trained\") λ-net."""
     import yaml
     from safetensors.torch import save_file
 
@@ -44,10 +68,17 @@ def write_tiny_model(models_dir: Path, name: str = "tiny", group: str = "c4", tr
 
     folder = models_dir / name
     folder.mkdir(parents=True, exist_ok=True)
+    trunk, head = _tiny_weights()
+    save_file(trunk, str(folder / "trunk.safetensors"))
+    save_file(head, str(folder / "head.safetensors"))
     spec = {
         "description": "test model",
-        "backbone": {"family": "torchvision", "options": {"arch": "resnet18", "num_classes": 3, "input_size": 32}},
+        "backbone": {
+            "family": "torchvision",
+            "options": {"arch": "resnet18", "num_classes": 3, "input_size": 32, "weights_path": "trunk.safetensors"},
+        },
         "group": group,
+        "head": "head.safetensors",
         "labels": TINY_LABELS,
         "default_method": "equitune",
     }

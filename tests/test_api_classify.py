@@ -49,6 +49,7 @@ async def test_health_models_and_multipart_classify(tiny_models_dir: Path) -> No
                 "lambda_trained": True,
                 "device": "cpu",
                 "dtype": "float32",
+                "runtime": "torch",
                 "input_size": 32,
                 "description": "test model",
             }
@@ -120,11 +121,14 @@ async def test_concurrent_requests_share_batches_and_get_their_own_answers(tiny_
     methods = ["vanilla", "equitune", "equizero", "lambda"]
     async with serving(make_settings(tiny_models_dir, max_batch_size=8, max_wait_ms=100)) as (client, _):
         # alone, one at a time: the reference answers
-        alone = []
+        alone, queued_ms = [], []
         for i, im in enumerate(images):
             r = await client.post(URL, files=[("image", ("x.png", png_bytes(im), "image/png"))],
                                   data={"method": methods[i % 4], "top_k": "3"})  # fmt: skip
             alone.append(r.json()["results"][0])
+            queued_ms.append(r.json()["timing"]["queue_ms"])
+        # nothing else was on its way, so a lone request's batch did not wait its 100 ms
+        assert float(np.median(queued_ms)) < 50, queued_ms
         before = metric_samples((await client.get("/metrics")).text)
 
         async def one(i: int) -> dict:

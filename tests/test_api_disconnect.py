@@ -43,6 +43,7 @@ async def test_disconnected_request_is_dropped_before_the_forward_pass(tiny_mode
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
             "client": ("127.0.0.1", 1234), "server": ("test", 80), "root_path": "",
         }  # fmt: skip
+        arrival = engine.announce("tiny")  # another request on its way: the batch timer runs
         call = asyncio.ensure_future(manager.app(scope, receive, send))
         for _ in range(100):  # wait until the image is queued
             await asyncio.sleep(0.005)
@@ -57,3 +58,4 @@ async def test_disconnected_request_is_dropped_before_the_forward_pass(tiny_mode
         assert engine.idle
         statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
         assert statuses in ([], [499])  # nobody is listening; nothing else is sent
+        arrival.close()

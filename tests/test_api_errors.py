@@ -110,8 +110,11 @@ async def test_queue_full_gives_429_and_every_accepted_request_is_answered(tiny_
 
 async def test_deadline_in_the_queue_gives_504(tiny_models_dir: Path) -> None:
     settings = make_settings(tiny_models_dir, max_wait_ms=300, request_timeout_s=0.05)
-    async with serving(settings) as (client, _):
+    async with serving(settings) as (client, app):
+        # another request on its way keeps the batch waiting 300 ms, past the 50 ms deadline
+        arrival = app.state.engine.announce("tiny")
         assert_error(await client.post(URL, files=[image_file()]), 504, "deadline_exceeded")
+        arrival.close()
         assert (await client.get("/health/ready")).status_code == 200
 
 

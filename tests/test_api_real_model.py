@@ -13,11 +13,16 @@ pytestmark = pytest.mark.slow
 URL = "/v1/models/imagenet-effnet-c4/classify"
 
 
-@pytest.mark.parametrize("name", ["chelsea", "dog"])
-async def test_rotated_photos_get_the_same_answer(name: str) -> None:
-    settings = make_settings(DEFAULT_MODELS_DIR, models=["imagenet-effnet-c4"], max_batch_size=4)
+@pytest.mark.parametrize(
+    ("name", "runtime", "served_by"),
+    [("chelsea", "auto", "onnxruntime"), ("dog", "torch", "torch")],  # auto = the default serve
+)
+async def test_rotated_photos_get_the_same_answer(name: str, runtime: str, served_by: str) -> None:
+    settings = make_settings(DEFAULT_MODELS_DIR, models=["imagenet-effnet-c4"], max_batch_size=4, runtime=runtime)
     array = photo(name)
     async with serving(settings) as (client, _):
+        (card,) = (await client.get("/v1/models")).json()["models"]
+        assert card["runtime"] == served_by
         for method in ("equitune", "lambda"):
             answers = []
             for k in range(4):

@@ -50,6 +50,7 @@ def test_bench_service_smoke(tmp_path: Path, tiny_dir: Path) -> None:
         "--servers",
         "equiserve",
         "naive",
+        "naive-ort",
         "--concurrency",
         "1",
         "2",
@@ -74,13 +75,25 @@ def test_bench_service_smoke(tmp_path: Path, tiny_dir: Path) -> None:
         str(out),
     )
     report = read(out)
-    assert [s["server"] for s in report["servers"]] == ["equiserve", "naive"]
+    assert [s["server"] for s in report["servers"]] == ["equiserve", "naive", "naive-ort"]
+    assert report["raw_ceiling"]["info"]["runtime"] == "onnxruntime"  # the default, as served
+    assert "--runtime" in report["servers"][0]["argv"] and "onnxruntime" in report["servers"][2]["argv"]
     for server in report["servers"]:
         for segment in server["segments"]:
             assert segment["transport_errors"] == 0 and segment["ok"] > 0
     assert {r["batch_size"] for r in report["raw_ceiling"]["results"]} == {1, 2}
     assert "p50_c1_minus_raw_forward_ms" in report["analysis"]["targets"]
     assert report["machine"]["load_average_start"] is not None
+
+
+def test_bench_fused_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "fused.json"
+    run_script("bench_fused.py", "--batch-sizes", "1", "--repeats", "1", "--min-repeats", "1", "--budget-s", "1",
+               "--out", str(out))  # fmt: skip
+    report = read(out)
+    assert report["config"]["runtime"] == "onnxruntime"
+    (entry,) = report["results"]
+    assert entry["batch_size"] == 1 and entry["max_abs_diff_fused_vs_loop"] < 1e-3
 
 
 def test_bench_overload_smoke(tmp_path: Path, tiny_dir: Path) -> None:

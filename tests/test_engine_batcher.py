@@ -49,6 +49,7 @@ async def test_full_batch_leaves_without_waiting() -> None:
 async def test_max_wait_is_measured_from_the_first_item() -> None:
     handler = Recorder()
     batcher = await started(handler, max_batch_size=100, max_wait_s=0.3)
+    on_its_way = batcher.announce()  # a third request being decoded keeps the batch waiting
     t0 = time.perf_counter()
     first = asyncio.ensure_future(batcher.submit(1, 5))
     await asyncio.sleep(0.2)
@@ -58,6 +59,50 @@ async def test_max_wait_is_measured_from_the_first_item() -> None:
     # one batch with both, leaving ~0.3 s after the FIRST item (not 0.3 s after the second)
     assert handler.batches == [[1, 2]]
     assert 0.28 <= elapsed < 0.45, elapsed
+    on_its_way.close()
+    await batcher.close()
+
+
+async def test_a_lone_request_leaves_at_once() -> None:
+    """Nothing announced: waiting could not fill the batch, so it does not wait."""
+    handler = Recorder()
+    batcher = await started(handler, max_batch_size=100, max_wait_s=5.0)
+    t0 = time.perf_counter()
+    _, info = await batcher.submit(1, 10)
+    assert time.perf_counter() - t0 < 1.0 and info.queue_s < 1.0  # nowhere near the 5 s wait
+    await batcher.close()
+
+
+async def test_a_batch_waits_for_an_announced_request_and_leaves_when_it_is_queued() -> None:
+    handler = Recorder()
+    batcher = await started(handler, max_batch_size=100, max_wait_s=5.0)
+    arrival = batcher.announce()
+    t0 = time.perf_counter()
+    first = asyncio.ensure_future(batcher.submit(1, 10))
+    await asyncio.sleep(0.2)
+    assert not first.done()  # waiting for the announced request
+    second = asyncio.ensure_future(batcher.submit(2, 10))
+    await asyncio.sleep(0)
+    arrival.close()
+    arrival.close()  # idempotent: the count must not go negative
+    await asyncio.gather(first, second)
+    assert handler.batches == [[1, 2]] and time.perf_counter() - t0 < 1.5
+    assert batcher._arriving == 0
+    _, info = await batcher.submit(3, 10)  # and a lone request after it still leaves at once
+    assert info.queue_s < 1.0
+    await batcher.close()
+
+
+async def test_an_announced_request_that_fails_releases_the_batch() -> None:
+    handler = Recorder()
+    batcher = await started(handler, max_batch_size=100, max_wait_s=5.0)
+    arrival = batcher.announce()
+    first = asyncio.ensure_future(batcher.submit(1, 10))
+    await asyncio.sleep(0.1)
+    t0 = time.perf_counter()
+    arrival.close()  # e.g. its image did not decode: it never joins
+    await first
+    assert time.perf_counter() - t0 < 1.0 and handler.batches == [[1]]
     await batcher.close()
 
 
@@ -80,21 +125,25 @@ async def test_queue_bound_refuses_at_once() -> None:
 async def test_deadline_passed_in_the_queue_gives_deadline_exceeded() -> None:
     handler = Recorder()
     batcher = await started(handler, max_batch_size=10, max_wait_s=0.2)
+    arrival = batcher.announce()  # the batch waits 0.2 s for it, past the item's deadline
     with pytest.raises(DeadlineExceeded):
         await batcher.submit(1, timeout_s=0.01)
     assert handler.batches == []  # it never reached the model
     assert batcher.stats.expired == 1
+    arrival.close()
     await batcher.close()
 
 
 async def test_cancelled_items_are_dropped_before_the_forward_pass() -> None:
     handler = Recorder()
     batcher = await started(handler, max_batch_size=10, max_wait_s=0.1)
+    arrival = batcher.announce()  # keeps the batch waiting while one of its items is cancelled
     gone = asyncio.ensure_future(batcher.submit(7, 5))
     kept = asyncio.ensure_future(batcher.submit(8, 5))
     await asyncio.sleep(0.01)
     gone.cancel()
     result, _ = await kept
+    arrival.close()
     assert result == 80
     assert handler.batches == [[8]]
     assert batcher.stats.cancelled == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.slow
 def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_models_dir: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    # A long batch timer keeps accepted requests queued while we look at the draining server.
+    # A long batch timer keeps accepted requests queued while we look at the draining server;
+    # a batch waits only while another request is on its way, so one uploads its body slowly.
     process = start_server(tiny_models_dir, port, "--max-wait-ms", "2500", "--max-batch-size", "64")
     try:
         wait_ready(base, process)
@@ -31,9 +33,27 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_models_dir: Path) 
             files = [("image", ("a.png", image, "image/png"))]
             return httpx.post(f"{base}/v1/models/tiny/classify", files=files, timeout=30).status_code
 
-        with ThreadPoolExecutor(8) as pool:
+        def slow_upload() -> int:
+            boundary = "slow-upload"
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+
+            def body() -> Iterator[bytes]:
+                yield head
+                time.sleep(2.0)
+                yield image + f"\r\n--{boundary}--\r\n".encode()
+
+            headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+            url = f"{base}/v1/models/tiny/classify"
+            return httpx.post(url, content=body(), headers=headers, timeout=30).status_code
+
+        with ThreadPoolExecutor(9) as pool:
+            slow = pool.submit(slow_upload)
+            time.sleep(0.3)
             accepted = [pool.submit(classify) for _ in range(8)]
-            time.sleep(1.0)  # all eight are queued behind the 2.5 s timer
+            time.sleep(0.7)  # all eight are queued, waiting for the slow upload (<= the 2.5 s timer)
             process.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             ready = httpx.get(f"{base}/health/ready", timeout=5)
@@ -41,6 +61,7 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_models_dir: Path) 
             late = httpx.post(f"{base}/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
             assert late.status_code == 503 and late.json()["error"]["code"] == "not_ready"
             assert [f.result() for f in accepted] == [200] * 8
+            assert slow.result() in (200, 503)  # it finished uploading while draining: refused or served
         assert process.wait(timeout=30) == 0
     finally:
         if process.poll() is None:

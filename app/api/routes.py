@@ -165,6 +165,7 @@ def build_router() -> APIRouter:
                     lambda_trained=loaded.lambda_trained,
                     device=loaded.device.type,
                     dtype=str(loaded.dtype).removeprefix("torch."),
+                    runtime=loaded.runtime,
                     input_size=backbone.input_size,
                     description=loaded.spec.description,
                 )
@@ -192,26 +193,37 @@ def build_router() -> APIRouter:
         # requests and makes the 429 itself slow.
         engine.check_capacity(name, 1)
         settings = settings_of(request)
-        payloads, method, top_k, labels = await read_classify_request(request, settings)
-        engine.check_capacity(name, len(payloads))
-        images = await asyncio.gather(
-            *(
-                run_in_threadpool(
-                    decode_image,
-                    data,
-                    max_pixels=settings.max_pixels,
-                    min_side=loaded.backbone.input_size,
-                    content_type=content_type,
+        # Announced from here on: a batch forming now may wait for this request's images.
+        arrival = engine.announce(name)
+        try:
+            payloads, method, top_k, labels = await read_classify_request(request, settings)
+            engine.check_capacity(name, len(payloads))
+            images = await asyncio.gather(
+                *(
+                    run_in_threadpool(
+                        decode_image,
+                        data,
+                        max_pixels=settings.max_pixels,
+                        min_side=loaded.backbone.input_size,
+                        content_type=content_type,
+                    )
+                    for data, content_type in payloads
                 )
-                for data, content_type in payloads
             )
-        )
-        output = await until_disconnected(
-            request,
-            engine.classify(
-                name, images, method=method, top_k=top_k, labels=labels, request_id=request.state.request_id
-            ),
-        )
+            output = await until_disconnected(
+                request,
+                engine.classify(
+                    name,
+                    images,
+                    method=method,
+                    top_k=top_k,
+                    labels=labels,
+                    request_id=request.state.request_id,
+                    arrival=arrival,
+                ),
+            )
+        finally:
+            arrival.close()
         return JSONResponse(classify_response(output))
 
     @router.get("/metrics", tags=["metrics"], response_class=Response)

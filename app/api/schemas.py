@@ -82,6 +82,7 @@ class ModelCard(BaseModel):
     lambda_trained: bool
     device: str
     dtype: str
+    runtime: str = Field(description="what runs the backbone: torch or onnxruntime")
     input_size: int | None = Field(description="image side in pixels; null for language models")
     description: str
 

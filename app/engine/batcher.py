@@ -1,5 +1,10 @@
-"""Dynamic batching: an asyncio queue per model whose batches leave full or ``max_wait`` after
-their FIRST item arrived (the timer starts at the oldest item, as in Ray Serve's batching).
+"""Dynamic batching: an asyncio queue per model whose batches leave full, or ``max_wait`` after
+their FIRST item arrived (the timer starts at the oldest item, as in Ray Serve's batching), or
+at once when no other request is on its way.
+
+"On its way" is what the engine announces (``announce``): a request being read, decoded or
+preprocessed. Waiting only pays when such a request will join the batch; with none announced
+(a lone client), the batch leaves immediately instead of adding ``max_wait`` to its latency.
 
 Guarantees, each tested:
 * bounded: ``submit`` refuses with ``QueueFull`` (429) when ``queue_size`` items wait;
@@ -50,6 +55,22 @@ class _Pending(Generic[T]):
     request_id: str = ""
 
 
+class Arrival:
+    """A request announced to a batcher while it is read and preprocessed; ``close`` (once,
+    idempotent) when its items are queued or it failed."""
+
+    def __init__(self, batcher: DynamicBatcher | None) -> None:
+        self._batcher = batcher  # None: nothing to tell (e.g. an unknown model, refused later)
+        if batcher is not None:
+            batcher._arriving += 1
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher._arriving -= 1
+            self._batcher._wakeup.set()  # a waiting batch may now leave
+            self._batcher = None
+
+
 @dataclass
 class BatcherStats:
     batches: int = 0
@@ -78,7 +99,10 @@ class DynamicBatcher(Generic[T, R]):
         on_batch: OnBatch | None = None,
         on_queued: OnQueued | None = None,
         on_depth: OnDepth | None = None,
+        always_wait: bool = False,
     ) -> None:
+        """``always_wait``: batches wait ``max_wait_s`` even with nothing announced, for callers
+        that cannot announce requests early (the text route gets its body already parsed)."""
         self.name = name
         self.handler = handler
         self.max_batch_size = max_batch_size
@@ -91,6 +115,8 @@ class DynamicBatcher(Generic[T, R]):
         self._task: asyncio.Task | None = None
         self._closing = False
         self._busy = False
+        self._arriving = 0  # announced requests not yet queued
+        self._always_wait = always_wait
         self._on_batch, self._on_queued, self._on_depth = on_batch, on_queued, on_depth
         self.stats = BatcherStats()
         self._last_batch_s = 0.0
@@ -142,6 +168,10 @@ class DynamicBatcher(Generic[T, R]):
         self._report_depth()
         self._wakeup.set()
         return future
+
+    def announce(self) -> Arrival:
+        """Tell the batcher a request is on its way, so a batch may wait (``max_wait``) for it."""
+        return Arrival(self)
 
     def free_slots(self) -> int:
         return self.queue_size - len(self._queue)
@@ -205,9 +235,10 @@ class DynamicBatcher(Generic[T, R]):
                     return
                 await self._wait(None)
                 continue
-            # The batch's timer started when its oldest item arrived, not when we looked.
+            # The batch's timer started when its oldest item arrived, not when we looked. It only
+            # waits while another request is on its way: otherwise nothing would join it.
             oldest = self._queue[0].enqueued
-            while len(self._queue) < self.max_batch_size and not self._closing:
+            while len(self._queue) < self.max_batch_size and not self._closing and self._worth_waiting():
                 remaining = oldest + self.max_wait_s - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -220,6 +251,9 @@ class DynamicBatcher(Generic[T, R]):
                 await self._serve(loop, batch)
             finally:
                 self._busy = False
+
+    def _worth_waiting(self) -> bool:
+        return self._always_wait or self._arriving > 0
 
     async def _serve(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T]]) -> None:
         started = time.perf_counter()

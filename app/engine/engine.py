@@ -8,6 +8,7 @@ in a thread pool, queues each image in its model's batcher and gathers the answe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ from app.config import Settings
 from app.equivariance import Method
 from app.metrics import Metrics
 
-from .batcher import BatchInfo, DynamicBatcher
+from .batcher import Arrival, BatchInfo, DynamicBatcher
 from .errors import EngineError, InferenceFailed, InvalidInput, ModelNotFound, NotReady, QueueFull, TooLarge
+from .memory import release_free_memory, trim_supported
 from .registry import LoadedModel, ModelLoadError, list_models, load_model, model_dir, read_spec
 from .runner import ImageItem, ImageResult, ImageRunner
 
@@ -55,6 +57,7 @@ class Engine:
         self.draining = False
         self._preprocess = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         self._inflight = 0
+        self._memory_task: asyncio.Task | None = None
         # Engines served beside this one (the text engine): drained with it, and idle only together.
         self.companions: list[Any] = []
 
@@ -84,7 +87,14 @@ class Engine:
                          name, name)  # fmt: skip
                 continue
             loaded = load_model(
-                self.settings.models_dir, name, self.settings.device, self.settings.dtype, self.settings.channels_last
+                self.settings.models_dir,
+                name,
+                self.settings.device,
+                self.settings.dtype,
+                self.settings.channels_last,
+                runtime=self.settings.runtime,
+                onnx_cache_dir=self.settings.onnx_cache_dir,
+                threads=self.settings.torch_threads,
             )
             runner = ImageRunner(loaded)
             if self.settings.warmup:
@@ -93,8 +103,8 @@ class Engine:
             self.runners[name] = runner
             seconds = time.perf_counter() - started
             log.info(
-                "loaded %s (%s, group %s, %s/%s) in %.1f s",
-                name, loaded.backbone.name, loaded.spec.group, loaded.device, loaded.dtype, seconds,
+                "loaded %s (%s on %s, group %s, %s/%s) in %.1f s",
+                name, loaded.backbone.name, loaded.runtime, loaded.spec.group, loaded.device, loaded.dtype, seconds,
             )  # fmt: skip
         if not self.models and not language_models:
             raise ModelLoadError(f"no model to serve in {self.settings.models_dir}")
@@ -111,7 +121,21 @@ class Engine:
                 loaded.device.type,
                 str(loaded.dtype).removeprefix("torch."),
             ).set(1)
+        if self.settings.memory_trim_idle_s > 0 and trim_supported():
+            self._memory_task = asyncio.get_running_loop().create_task(self._release_memory_when_idle())
         self.ready = True
+
+    async def _release_memory_when_idle(self) -> None:
+        """Once traffic stops, hand the memory it freed back to the OS (see app.engine.memory):
+        checked every ``memory_trim_idle_s``; trims once per quiet spell that followed work."""
+        trimmed_at = 0
+        while True:
+            await asyncio.sleep(self.settings.memory_trim_idle_s)
+            batches = sum(b.stats.batches for b in self.batchers.values())
+            if batches != trimmed_at and self.idle:
+                trimmed_at = batches
+                released = await asyncio.to_thread(release_free_memory)
+                log.debug("idle after %d batches: malloc_trim released memory: %s", batches, released)
 
     def _make_batcher(self, name: str) -> DynamicBatcher[ImageItem, ImageResult]:
         m = self.metrics
@@ -142,6 +166,10 @@ class Engine:
 
     async def stop(self) -> None:
         self.draining = True
+        if self._memory_task is not None:
+            self._memory_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._memory_task
         for batcher in self.batchers.values():
             await batcher.close()
         self._preprocess.shutdown(wait=True)
@@ -201,17 +229,30 @@ class Engine:
         top_k: int | None = None,
         labels: Sequence[str] | None = None,
         request_id: str = "",
+        arrival: Arrival | None = None,
     ) -> ClassifyOutput:
-        self.check_accepting()
-        loaded = self.get_model(model)
-        chosen, top_k, label_set = self.validate(loaded, len(images), method, top_k, labels)
-        self._inflight += 1
-        self.metrics.inflight.inc()
+        """Classify ``images`` with ``model``. ``arrival``: from ``announce`` when the caller
+        announced the request earlier (before reading its body); otherwise it is announced here."""
+        arrival = arrival or self.announce(model)
         try:
-            return await self._classify(loaded, images, chosen, top_k, label_set, request_id)
+            self.check_accepting()
+            loaded = self.get_model(model)
+            chosen, top_k, label_set = self.validate(loaded, len(images), method, top_k, labels)
+            self._inflight += 1
+            self.metrics.inflight.inc()
+            try:
+                return await self._classify(loaded, images, chosen, top_k, label_set, request_id, arrival)
+            finally:
+                self._inflight -= 1
+                self.metrics.inflight.dec()
         finally:
-            self._inflight -= 1
-            self.metrics.inflight.dec()
+            arrival.close()
+
+    def announce(self, model: str) -> Arrival:
+        """A request for ``model`` is on its way: its batch may wait (``max_wait_ms``) for it.
+        ``close`` the result when the request is queued or failed."""
+        batcher = self.batchers.get(model)
+        return batcher.announce() if batcher is not None else Arrival(None)
 
     def check_capacity(self, model: str, n_images: int) -> None:
         """Raise ``QueueFull`` (429) now if ``n_images`` for ``model`` would be refused later:
@@ -234,6 +275,7 @@ class Engine:
         top_k: int,
         labels: tuple[str, ...] | None,
         request_id: str,
+        arrival: Arrival,
     ) -> ClassifyOutput:
         batcher = self.batchers[loaded.name]
         runner = self.runners[loaded.name]
@@ -247,6 +289,7 @@ class Engine:
             batcher.submit_nowait(ImageItem(p, method, top_k, labels), self.settings.request_timeout_s, request_id)
             for p in pixels
         ]
+        arrival.close()  # queued: nothing more of this request is on its way
         try:
             answers: list[tuple[ImageResult, BatchInfo]] = await asyncio.gather(*futures)
         except asyncio.CancelledError:  # the client went away: drop what has not run yet

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from app.backbones.base import ImageBackbone, LinearHeadBackbone
 from app.backbones.factory import create_backbone
+from app.backbones.onnx_cache import can_export, onnx_backbone
+from app.backbones.onnx_runtime import OnnxBackbone
 from app.equivariance import IMAGE_GROUPS, EquivariantModel, LambdaNet, Method, ZeroLoss, image_group
 
 from .errors import InvalidInput
@@ -106,6 +108,11 @@ class LoadedModel:
     def zero_shot(self) -> bool:
         return self.backbone.zero_shot
 
+    @property
+    def runtime(self) -> str:
+        """What runs the backbone: ``torch`` or ``onnxruntime``."""
+        return "onnxruntime" if isinstance(self.backbone, OnnxBackbone) else "torch"
+
 
 def model_dir(models_dir: Path, name: str) -> Path:
     """``models_dir/name``, refusing names that could escape the repository."""
@@ -171,9 +178,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype) if device.type == "cuda" else torch.float32
 
 
+Runtime = Literal["auto", "torch", "onnxruntime"]
+
+
 def load_model(
-    models_dir: Path, name: str, device: str = "auto", dtype: str = "float32", channels_last: bool = True
+    models_dir: Path,
+    name: str,
+    device: str = "auto",
+    dtype: str = "float32",
+    channels_last: bool = True,
+    *,
+    runtime: Runtime = "torch",
+    onnx_cache_dir: Path | None = None,
+    threads: int | None = None,
 ) -> LoadedModel:
+    """Load entry ``name`` onto ``device``.
+
+    ``runtime``: what runs the backbone. ``onnxruntime`` exports it (once, cached in
+    ``onnx_cache_dir``) and runs it with onnxruntime on the CPU, several times faster there
+    than eager torch; ``auto`` does that on the CPU for fixed-label backbones and keeps torch
+    elsewhere (CUDA, zero-shot CLIP). ``threads``: onnxruntime's intra-op threads.
+    """
     folder = model_dir(models_dir, name)
     spec = read_spec(folder)
     if spec.task != "classify":
@@ -211,8 +236,28 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     backbone.to_runtime(torch_device, torch_dtype, channels_last=channels_last)
+    if _wants_onnxruntime(runtime, backbone, torch_device):
+        try:
+            backbone = onnx_backbone(backbone, onnx_cache_dir, threads)
+        except Exception as exc:  # the exporter fails in many ways; torch still serves the model
+            if runtime == "onnxruntime":
+                raise ModelLoadError(f"{name}: cannot run the backbone with onnxruntime: {exc}") from exc
+            log.warning("%s: ONNX export failed (%s: %s); serving with torch", name, type(exc).__name__, exc)
     lambda_net = lambda_net.to(torch_device).eval()  # the λ-net stays float32: it is tiny
     model = EquivariantModel(
         backbone.encode, backbone.head, image_group(spec.group), lambda_net=lambda_net, zero_loss=spec.zero_loss
     ).eval()
-    return LoadedModel(spec, backbone, model, spec.lambda_net is not None, torch_device, torch_dtype)
+    return LoadedModel(spec, backbone, model, spec.lambda_net is not None, torch_device, backbone.dtype)
+
+
+def _wants_onnxruntime(runtime: Runtime, backbone: ImageBackbone, device: torch.device) -> bool:
+    if runtime == "torch":
+        return False
+    if runtime == "auto":
+        return device.type == "cpu" and can_export(backbone)
+    if device.type != "cpu" or not can_export(backbone):
+        raise ModelLoadError(
+            f"{backbone.name}: runtime onnxruntime needs the CPU and a fixed-label backbone "
+            f"(device {device.type}, zero-shot {backbone.zero_shot})"
+        )
+    return True

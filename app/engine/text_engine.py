@@ -151,6 +151,9 @@ class TextEngine:
                 ),
                 on_queued=m.queue_duration.labels(name).observe,
                 on_depth=m.queue_depth.labels(name).set,
+                # Generating takes seconds: a lone request dispatched at once would hold back
+                # the ones arriving just after it for a whole generation, so batches always wait.
+                always_wait=True,
             )
             self.batchers[name].start()
             m.model_info.labels(
@@ -338,6 +341,7 @@ class TextEngine:
                 "lambda_trained": model.lambda_trained,
                 "device": model.device.type,
                 "dtype": str(model.dtype).removeprefix("torch."),
+                "runtime": "torch",
                 "input_size": None,
                 "description": model.spec.description,
             }

@@ -40,14 +40,15 @@ MAX_PIXELS = 25_000_000
 class EquivariantLitAPI(ls.LitAPI):
     """equiserve's decoder, preprocessing and fused runner behind LitServe's batching loop."""
 
-    def __init__(self, model: str, models_dir: Path, device: str, **kwargs: Any) -> None:
+    def __init__(self, model: str, models_dir: Path, device: str, runtime: str = "torch", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model_name = model
         self.models_dir = models_dir
         self.target_device = device
+        self.runtime = runtime
 
     def setup(self, device: str) -> None:
-        self.loaded = load_model(self.models_dir, self.model_name, self.target_device, "float32")
+        self.loaded = load_model(self.models_dir, self.model_name, self.target_device, "float32", runtime=self.runtime)
         self.runner = ImageRunner(self.loaded)
         self.runner.warmup(self.max_batch_size)
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="imagenet-effnet-c4")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="torch")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
     parser.add_argument("--timeout-s", type=float, default=30.0, help="LitServe's request timeout")
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model,
         args.models_dir,
         args.device,
+        args.runtime,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout_ms / 1000,
         api_path=f"/v1/models/{args.model}/classify",

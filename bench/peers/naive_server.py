@@ -44,8 +44,10 @@ from app.engine.registry import load_model  # noqa: E402
 MAX_PIXELS = 25_000_000
 
 
-def build_app(model_name: str, models_dir: Path, mode: str, device: str = "cpu") -> FastAPI:
-    loaded = load_model(models_dir, model_name, device, "float32")
+def build_app(model_name: str, models_dir: Path, mode: str, device: str = "cpu", runtime: str = "torch") -> FastAPI:
+    # runtime torch: the model as a user's own server would run it; onnxruntime: equiserve's
+    # CPU runtime, to tell the runtime's share of equiserve's lead from batching's.
+    loaded = load_model(models_dir, model_name, device, "float32", runtime=runtime)
     model, backbone = loaded.model, loaded.backbone
     labels = backbone.labels
     with torch.inference_mode():  # one request's worth, so the first real one pays nothing extra
@@ -122,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="imagenet-effnet-c4")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--mode", choices=("sync", "async"), default="sync")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    app = build_app(args.model, args.models_dir, args.mode, args.device)
+    app = build_app(args.model, args.models_dir, args.mode, args.device, args.runtime)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
