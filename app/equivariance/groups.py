@@ -128,15 +128,15 @@ class FiniteGroup:
     def _gather_copies(x: Tensor, perms: Tensor, dim: int) -> Tensor:
         """``[B, ..., N, ...] -> [n*B, ..., N, ...]``: copy ``g`` is ``x`` gathered by ``perms[g]``.
 
-        One ``index_select`` builds all copies; the result is copy-major so that anything
-        computed per row reshapes to ``[n, B, ...]``.
+        One ``gather`` from a stride-0 view of ``x`` writes all copies straight into a
+        contiguous, copy-major result, so anything computed per row reshapes to ``[n, B, ...]``.
+        (An ``index_select`` along ``dim`` followed by moving the copy axis first costs an
+        extra strided copy: 4-25x slower for 224 px images.)
         """
-        n, size = perms.shape
+        n = perms.shape[0]
         dim = dim % x.dim()
-        gathered = x.index_select(dim, perms.reshape(-1))  # [..., n*N, ...]
-        shape = (*x.shape[:dim], n, size, *x.shape[dim + 1 :])
-        gathered = gathered.reshape(shape).movedim(dim, 0)  # [n, B, ..., N, ...]
-        return gathered.reshape(n * x.shape[0], *x.shape[1:])
+        copies = x.unsqueeze(0).expand(n, *x.shape)  # a view: no memory
+        return FiniteGroup._gather_per_copy(copies, perms, dim + 1).reshape(n * x.shape[0], *x.shape[1:])
 
     @staticmethod
     def _gather_per_copy(y: Tensor, perms: Tensor, dim: int) -> Tensor:
