@@ -33,18 +33,28 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
 
     from app.server import create_app
 
     app = create_app(settings)
     engine = app.state.engine
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5
-    )
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, engine, settings.drain_timeout_s)
     server.run()
     return 0 if server.started else 1
+
+
+def uvicorn_config(app: Any, settings: Settings) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.keep_alive_s,
+    )
 
 
 class DrainingServer:

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     memory_trim_idle_s: float = Field(
         2.0, ge=0, description="after this long idle, return freed heap memory to the OS (glibc; 0 = never)"
     )
+    keep_alive_s: int = Field(
+        65,
+        ge=1,
+        description="idle keep-alive connections are closed after this; longer than clients' pool timeouts "
+        "(httpx 5 s, aiohttp 15 s), so a client never reuses a connection the server is closing",
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to wait for accepted requests")
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads of torch and onnxruntime for inference (default: one per core)"

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.api.generate import build_generate_router
 from app.api.middleware import BodyTooLarge, RequestContextMiddleware
@@ -76,6 +77,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if exc.status >= 500:
             log.warning("request %s: %s %s", getattr(request.state, "request_id", "-"), exc.status, exc.message)
         return error_response(request, exc.status, exc.code, exc.message, headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client hung up while sending its body: nobody will read an answer, and it is
+        # no server fault. Recorded as 499 (nginx's "client closed request"), not a 500.
+        message = "the client disconnected while sending its body"
+        log.info("request %s: %s", getattr(request.state, "request_id", "-"), message)
+        return error_response(request, 499, "client_closed_request", message)
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:

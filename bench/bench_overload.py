@@ -57,6 +57,23 @@ def server_request_counts(base_url: str, model: str) -> dict[str, float]:
     return counts
 
 
+ACCESS_LOG = re.compile(r"request_id=(?P<id>\S+) .*?status=(?P<status>\d+) .*?ms=(?P<ms>[0-9.]+)")
+
+
+def server_side_latency(log_text: str, id_prefix: str) -> dict[str, Any]:
+    """Latency per status as the server measured it (its access log: from the request's
+    arrival in the app to its answer), for the requests whose ids start with ``id_prefix``.
+
+    Set beside the client's numbers, it splits a slow answer into time spent in the server
+    and time spent before it (the kernel's accept queue, the event loop's backlog, and the
+    load generator itself, which shares the same CPUs)."""
+    by_status: dict[str, list[float]] = {}
+    for match in ACCESS_LOG.finditer(log_text):
+        if match["id"].startswith(id_prefix):
+            by_status.setdefault(match["status"], []).append(float(match["ms"]) / 1e3)
+    return {status: benchlib.latency_summary_ms(seconds) for status, seconds in sorted(by_status.items())}
+
+
 def tally(result: loadgen.LoadResult) -> dict[str, Any]:
     """Every request sent got exactly one answer: ids echoed once each, statuses add up."""
     records = result.records
@@ -131,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     photos = loadgen.load_photos()[: args.photos]
     templates = loadgen.photo_templates(photos, args.model)
     extra = shlex.split(args.server_args)
-    server = loadgen.equiserve_server(None, *extra, model=args.model, models_dir=args.models_dir, threads=args.threads)
+    # info: the access log (one line per request, with its server-side duration) is read back.
+    server = loadgen.equiserve_server(
+        None, "--log-level", "info", *extra, model=args.model, models_dir=args.models_dir, threads=args.threads
+    )
     server_env = dict(item.split("=", 1) for item in args.server_env)
     server.env.update(server_env)
     rss_trace: list[tuple[float, float | None]] = []
@@ -238,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shed_latency": benchlib.latency_summary_ms(shed),
         "goodput_over_sustainable": round(summary["throughput_rps"] / sustainable, 3) if sustainable else None,
         "wall_s": round(overload.wall_s, 1),
+        "server_side_latency_by_status": server_side_latency(server.log_path.read_text(errors="replace"), "overload-"),
     }
     report["tally"] = counts
     report["rss_mib"] = {
@@ -287,6 +308,11 @@ def print_report(report: dict[str, Any]) -> None:
             f"{o['accepted_latency']['max_ms']}",
         ],
         ["shed (429) p50 / p99 ms", f"{o['shed_latency']['p50_ms']} / {o['shed_latency']['p99_ms']}"],
+        *[
+            [f"  server-side {status} p50 / p99 ms", f"{v['p50_ms']} / {v['p99_ms']} (n={v['n']})"]
+            for status, v in o["server_side_latency_by_status"].items()
+        ],
+        ["load generator CPU (fraction of one core)", str(o.get("client_cpu_fraction"))],
         [
             "RSS baseline / peak / after MiB",
             f"{r['baseline']} / {r['peak']} / {r['after_settle']} (limit {r['limit']})",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 from asgi_lifespan import LifespanManager
 
 from app.server import create_app
@@ -59,3 +61,38 @@ async def test_disconnected_request_is_dropped_before_the_forward_pass(tiny_mode
         statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
         assert statuses in ([], [499])  # nobody is listening; nothing else is sent
         arrival.close()
+
+
+async def test_a_client_gone_mid_body_is_a_499_not_a_server_error(
+    tiny_models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The keep-alive race under overload: the client hangs up while its multipart body is
+    still arriving. That is recorded as 499, without a traceback, and the server stays idle."""
+    app = create_app(make_settings(tiny_models_dir))
+    boundary = "b0undary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
+    async with LifespanManager(app) as manager:
+        messages = [{"type": "http.request", "body": head, "more_body": True}, {"type": "http.disconnect"}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/v1/models/tiny/classify", "raw_path": b"/v1/models/tiny/classify", "query_string": b"",
+            "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())],
+            "client": ("127.0.0.1", 1234), "server": ("test", 80), "root_path": "",
+        }  # fmt: skip
+        with caplog.at_level(logging.INFO):
+            await asyncio.wait_for(manager.app(scope, receive, send), 5)
+        statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+        assert statuses == [499]
+        assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        metrics = app.state.engine.metrics.exposition().decode()
+        assert 'status="499"' in metrics and 'status="500"' not in metrics
+        assert app.state.engine.idle and app.state.engine.batchers["tiny"]._arriving == 0

@@ -128,6 +128,9 @@ def test_bench_overload_smoke(tmp_path: Path, tiny_dir: Path) -> None:
     assert tally["exactly_one_answer_each"] and tally["server_total_equals_sent"]
     assert tally["sent"] == tally["status_200"] + tally["status_429"] + sum(tally["other_statuses"].values())
     assert report["rss_mib"]["baseline"] is not None
+    server_side = report["overload"]["server_side_latency_by_status"]  # from the access log: one line each
+    assert server_side["200"]["n"] == tally["status_200"]
+    assert server_side.get("429", {"n": 0})["n"] == tally["status_429"]
 
 
 def test_bench_soak_smoke(tmp_path: Path, tiny_dir: Path) -> None:

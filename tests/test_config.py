@@ -36,3 +36,12 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EQUISERVE_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_uvicorn_keeps_idle_connections_longer_than_clients_do() -> None:
+    from app.__main__ import uvicorn_config
+
+    config = uvicorn_config(object(), Settings())
+    assert config.timeout_keep_alive == 65 > 5  # httpx drops idle connections after 5 s
+    args = build_parser().parse_args(["serve", "--keep-alive-s", "120"])
+    assert uvicorn_config(object(), settings_from_args(args)).timeout_keep_alive == 120
