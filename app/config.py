@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads of torch and onnxruntime for inference (default: one per core)"
     )
+    compute_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="nice increment of the inference and preprocessing threads (Linux), so the event loop "
+        "answers and sheds first when the CPU is short; 0 = same priority",
+    )
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and resizing images")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 

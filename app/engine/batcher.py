@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from .priority import lower_this_thread
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -100,15 +101,20 @@ class DynamicBatcher(Generic[T, R]):
         on_queued: OnQueued | None = None,
         on_depth: OnDepth | None = None,
         always_wait: bool = False,
+        compute_nice: int = 0,
     ) -> None:
         """``always_wait``: batches wait ``max_wait_s`` even with nothing announced, for callers
-        that cannot announce requests early (the text route gets its body already parsed)."""
+        that cannot announce requests early (the text route gets its body already parsed).
+        ``compute_nice``: the nice increment of the thread running the handler (see
+        ``app.engine.priority``)."""
         self.name = name
         self.handler = handler
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self._executor = executor or ThreadPoolExecutor(
+            1, thread_name_prefix=f"infer-{name}", initializer=lower_this_thread, initargs=(compute_nice,)
+        )
         self._owns_executor = executor is None
         self._queue: deque[_Pending[T]] = deque()
         self._wakeup = asyncio.Event()

@@ -27,6 +27,7 @@ from app.metrics import Metrics
 from .batcher import Arrival, BatchInfo, DynamicBatcher
 from .errors import EngineError, InferenceFailed, InvalidInput, ModelNotFound, NotReady, QueueFull, TooLarge
 from .memory import release_free_memory, trim_supported
+from .priority import lower_this_thread
 from .registry import LoadedModel, ModelLoadError, list_models, load_model, model_dir, read_spec
 from .runner import ImageItem, ImageResult, ImageRunner
 
@@ -55,7 +56,12 @@ class Engine:
         self.batchers: dict[str, DynamicBatcher[ImageItem, ImageResult]] = {}
         self.ready = False
         self.draining = False
-        self._preprocess = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+        self._preprocess = ThreadPoolExecutor(
+            settings.preprocess_threads,
+            thread_name_prefix="preprocess",
+            initializer=lower_this_thread,
+            initargs=(settings.compute_nice,),
+        )
         self._inflight = 0
         self._memory_task: asyncio.Task | None = None
         # Engines served beside this one (the text engine): drained with it, and idle only together.
@@ -110,7 +116,12 @@ class Engine:
             raise ModelLoadError(f"no model to serve in {self.settings.models_dir}")
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.load)
+        # A thread of its own, at the compute threads' priority: the onnxruntime and OpenMP
+        # thread pools created while loading inherit it (app.engine.priority).
+        with ThreadPoolExecutor(
+            1, thread_name_prefix="load", initializer=lower_this_thread, initargs=(self.settings.compute_nice,)
+        ) as loader:
+            await asyncio.get_running_loop().run_in_executor(loader, self.load)
         for name, loaded in self.models.items():
             self.batchers[name] = self._make_batcher(name)
             self.batchers[name].start()
@@ -151,6 +162,7 @@ class Engine:
             ),
             on_queued=m.queue_duration.labels(name).observe,
             on_depth=m.queue_depth.labels(name).set,
+            compute_nice=self.settings.compute_nice,
         )
 
     def begin_drain(self) -> None:

@@ -154,6 +154,7 @@ class TextEngine:
                 # Generating takes seconds: a lone request dispatched at once would hold back
                 # the ones arriving just after it for a whole generation, so batches always wait.
                 always_wait=True,
+                compute_nice=self.settings.compute_nice,
             )
             self.batchers[name].start()
             m.model_info.labels(
