@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         None, description="where ONNX exports are cached (default: $XDG_CACHE_HOME/equiserve/onnx)"
     )
     channels_last: bool = Field(True, description="channels_last memory format (faster convolutions, CPU and CUDA)")
-    max_batch_size: int = Field(8, ge=1, le=4096, description="images per fused forward pass (GPUs: 64-256)")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images per fused forward pass (GPUs: 64-256)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more, from its FIRST item")
     queue_size: int = Field(512, ge=1, description="images waiting per model before 429")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline in the queue before 504")

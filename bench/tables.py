@@ -99,6 +99,7 @@ def service(report: dict[str, Any]) -> str:
             fmt(r.get("service_over_raw"), 2),
             fmt(r.get("service_over_raw_sweep"), 2),
             fmt(r.get("service_over_naive"), 2),
+            fmt(r.get("service_over_naive_ort"), 2),
             fmt(r.get("service_over_litserve"), 2),
         ]
         for r in report["analysis"]["ratios"]
@@ -106,7 +107,16 @@ def service(report: dict[str, Any]) -> str:
     out += [
         "",
         markdown_table(
-            ["conc.", "mean batch", "raw req/s right after", "service/raw", "service/raw sweep", "/naive", "/litserve"],
+            [
+                "conc.",
+                "mean batch",
+                "raw req/s right after",
+                "service/raw",
+                "service/raw sweep",
+                "/naive",
+                "/naive-ort",
+                "/litserve",
+            ],
             ratio_rows,
         ),
     ]
@@ -152,6 +162,12 @@ def overload(report: dict[str, Any]) -> str:
             f" / {o['accepted_latency']['max_ms']}",
         ],
         ["shed (429) p50 / p99 ms", f"{o['shed_latency']['p50_ms']} / {o['shed_latency']['p99_ms']}"],
+        *[
+            [f"server-side {status} p50 / p99 ms (access log)", f"{v['p50_ms']} / {v['p99_ms']}"]
+            for status, v in o.get("server_side_latency_by_status", {}).items()
+        ],
+        ["goodput until the last 200 (200/s)", str(o.get("goodput_until_drained_rps", "-"))],
+        ["load generator CPU (of one core)", str(o.get("client_cpu_fraction", "-"))],
         [
             "RSS baseline / peak / after MiB",
             f"{r['baseline']} / {r['peak']} / {r['after_settle']} (limit {r['limit']})",

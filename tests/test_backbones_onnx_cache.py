@@ -112,3 +112,21 @@ def test_explicit_onnxruntime_refuses_zero_shot_backbones(monkeypatch: pytest.Mo
     assert registry._wants_onnxruntime("auto", tiny_backbone(), torch.device("cuda")) is False
     with pytest.raises(ModelLoadError, match="fixed-label"):
         registry._wants_onnxruntime("onnxruntime", backbone, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_release_memory_shrinks_the_arena_and_keeps_the_answers(cache_dir: Path) -> None:
+    def rss_mib() -> float:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+    torch.manual_seed(0)
+    backbone = TorchvisionClassifier("resnet18", num_classes=3, input_size=224).to_runtime("cpu")
+    served = onnx_backbone(backbone, cache_dir, threads=1)
+    probe = torch.rand(2, 3, 224, 224)
+    before = served.encode(probe)
+    served.encode(torch.rand(48, 3, 224, 224))  # grows onnxruntime's arena by hundreds of MiB
+    grown = rss_mib()
+    served.release_memory()
+    assert grown - rss_mib() > 100, (grown, rss_mib())
+    torch.testing.assert_close(served.encode(probe), before)  # and it still computes the same

@@ -134,6 +134,23 @@ async def test_deadline_passed_in_the_queue_gives_deadline_exceeded() -> None:
     await batcher.close()
 
 
+async def test_a_deadline_is_answered_when_it_passes_not_when_a_batch_reaches_the_item() -> None:
+    handler = Recorder()
+    handler.gate.clear()  # a long batch in flight
+    batcher = await started(handler, max_batch_size=1, max_wait_s=0.0)
+    in_flight = asyncio.ensure_future(batcher.submit(1, 10))
+    await asyncio.sleep(0.05)
+    t0 = time.perf_counter()
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(2, timeout_s=0.1)  # queued behind it
+    assert time.perf_counter() - t0 < 0.5  # at its deadline, while the batch still runs
+    assert batcher.depth == 0 and batcher.stats.expired == 1
+    handler.gate.set()
+    assert (await in_flight)[0] == 10
+    assert handler.batches == [[1]]  # the expired item never reached the model
+    await batcher.close()
+
+
 async def test_cancelled_items_are_dropped_before_the_forward_pass() -> None:
     handler = Recorder()
     batcher = await started(handler, max_batch_size=10, max_wait_s=0.1)

@@ -104,6 +104,10 @@ class ImageBackbone(nn.Module):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def release_memory(self) -> None:
+        """Give back memory a runtime keeps between calls (called when the server is idle).
+        Torch's CPU allocator keeps nothing; runtimes with their own arenas override this."""
+
 
 class LinearHeadBackbone(ImageBackbone):
     """A CNN whose head is one ``nn.Linear`` on pooled features (EfficientNet, ResNet, ...).

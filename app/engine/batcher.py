@@ -54,6 +54,7 @@ class _Pending(Generic[T]):
     enqueued: float
     deadline: float
     request_id: str = ""
+    timer: asyncio.TimerHandle | None = None  # answers 504 at the deadline if still queued
 
 
 class Arrival:
@@ -170,7 +171,9 @@ class DynamicBatcher(Generic[T, R]):
             raise QueueFull(f"model {self.name!r} has {self.queue_size} images queued", self.retry_after_s())
         now = time.perf_counter()
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, future, now, now + timeout_s, request_id))
+        pending = _Pending(item, future, now, now + timeout_s, request_id)
+        pending.timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, pending)
+        self._queue.append(pending)
         self._report_depth()
         self._wakeup.set()
         return future
@@ -214,12 +217,27 @@ class DynamicBatcher(Generic[T, R]):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
 
+    def _expire(self, pending: _Pending[T]) -> None:
+        """The deadline passed while the item was still queued: answer 504 now, not when a
+        batch would have reached it (that can be a whole batch later)."""
+        if pending.future.done():
+            return  # cancelled (client gone): dropped when a batch reaches it
+        with contextlib.suppress(ValueError):  # already taken into a batch: it will be answered
+            self._queue.remove(pending)
+            self.stats.expired += 1
+            pending.future.set_exception(
+                DeadlineExceeded(f"waited {time.perf_counter() - pending.enqueued:.3f} s in the queue of {self.name!r}")
+            )
+            self._report_depth()
+
     def _take_batch(self) -> list[_Pending[T]]:
         """Pop up to ``max_batch_size`` live items, answering expired and skipping cancelled ones."""
         batch: list[_Pending[T]] = []
         now = time.perf_counter()
         while self._queue and len(batch) < self.max_batch_size:
             pending = self._queue.popleft()
+            if pending.timer is not None:
+                pending.timer.cancel()
             if pending.future.done():  # cancelled: the client went away
                 self.stats.cancelled += 1
                 continue

@@ -26,7 +26,7 @@ from app.metrics import Metrics
 
 from .batcher import Arrival, BatchInfo, DynamicBatcher
 from .errors import EngineError, InferenceFailed, InvalidInput, ModelNotFound, NotReady, QueueFull, TooLarge
-from .memory import release_free_memory, trim_supported
+from .memory import release_free_memory
 from .priority import lower_this_thread
 from .registry import LoadedModel, ModelLoadError, list_models, load_model, model_dir, read_spec
 from .runner import ImageItem, ImageResult, ImageRunner
@@ -132,9 +132,14 @@ class Engine:
                 loaded.device.type,
                 str(loaded.dtype).removeprefix("torch."),
             ).set(1)
-        if self.settings.memory_trim_idle_s > 0 and trim_supported():
+        if self.settings.memory_trim_idle_s > 0:
             self._memory_task = asyncio.get_running_loop().create_task(self._release_memory_when_idle())
         self.ready = True
+
+    def _release_memory(self) -> bool:
+        for loaded in self.models.values():
+            loaded.backbone.release_memory()  # runtimes' own arenas first, then the heap
+        return release_free_memory()
 
     async def _release_memory_when_idle(self) -> None:
         """Once traffic stops, hand the memory it freed back to the OS (see app.engine.memory):
@@ -145,7 +150,7 @@ class Engine:
             batches = sum(b.stats.batches for b in self.batchers.values())
             if batches != trimmed_at and self.idle:
                 trimmed_at = batches
-                released = await asyncio.to_thread(release_free_memory)
+                released = await asyncio.to_thread(self._release_memory)
                 log.debug("idle after %d batches: malloc_trim released memory: %s", batches, released)
 
     def _make_batcher(self, name: str) -> DynamicBatcher[ImageItem, ImageResult]:

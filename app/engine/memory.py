@@ -4,7 +4,8 @@ Why: after a burst, the memory of every queued image, request body and decoded p
 freed, but glibc keeps freed chunks in its arenas (one per thread that allocated), so the
 process RSS stays at its peak for good (1.6 GiB against a 0.9 GiB baseline after a 10x
 overload here). ``malloc_trim(0)`` returns free pages of every arena. It walks the heap, so
-it runs only when the engine has been idle for a moment, not after every batch.
+it runs only when the engine has been idle for a moment, not after every batch, after each
+backbone's ``release_memory`` (onnxruntime keeps an arena of its own).
 """
 
 from __future__ import annotations
