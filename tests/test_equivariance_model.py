@@ -123,3 +123,22 @@ def test_constant_input_gives_finite_outputs() -> None:
     with torch.inference_mode():
         out = model.predict(torch.zeros(1, 3, 16, 16), "lambda")
     assert torch.isfinite(out.output).all()
+
+
+@pytest.mark.parametrize("group_name", ["c4", "d4"])
+def test_equizero_stays_equivariant_for_inputs_the_group_fixes(group_name: str) -> None:
+    """A rot90-symmetric image gives tied copies: picking the first of them would not be
+    equivariant for dense outputs; sharing the weight among them is."""
+    torch.manual_seed(3)
+    net = DenseNet()
+    group = image_group(group_name)
+    model = EquivariantModel(net.encoder, net.head, group, output="dense").eval()
+    c4 = image_group("c4")
+    seed = torch.rand(2, 3, 12, 12)
+    x = sum(c4.act(seed, g) for g in range(4))  # fixed by every rotation
+    with torch.inference_mode():
+        base = model.predict(x, "equizero")
+        assert (base.weights > 0).sum(0).min() >= 4  # the four rotations tie and share the weight
+        for g in range(group.order):
+            moved = model(group.act(x, g), "equizero")
+            torch.testing.assert_close(moved, group.act(base.output, g), rtol=1e-4, atol=1e-5)

@@ -58,6 +58,22 @@ def equizero_loss(aligned: Tensor, loss: ZeroLoss = ZeroLoss.NEG_MAX_PROB, class
     return per_position.reshape(aligned.shape[0], aligned.shape[1], -1).mean(-1)
 
 
+TIE_TOLERANCE = 1e-6  # equizero: losses this close (relative) to the least one count as tied
+
+
+def equizero_weights(losses: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights ``[|G|, B]`` and the chosen copy ``[B]`` from per-copy losses ``[|G|, B]``.
+
+    Copies tied for the least loss share the weight. Ties are what an input fixed by some
+    group elements produces (a symmetric image: ``g x = x``); picking the first tied index
+    would favour one of them and break exact equivariance for dense or permutation outputs,
+    while sharing among them keeps it. ``selected`` is the first tied copy, for diagnostics.
+    """
+    best = losses.min(0, keepdim=True).values
+    tied = losses <= best + TIE_TOLERANCE * best.abs().clamp_min(1.0)
+    return tied.float() / tied.sum(0, keepdim=True), losses.argmin(0)
+
+
 def _weighted_sum(aligned: Tensor, weights: Tensor) -> Tensor:
     w = weights.to(aligned.dtype).reshape(*weights.shape, *([1] * (aligned.dim() - 2)))
     return (w * aligned).sum(0)
@@ -90,13 +106,11 @@ def combine(
         return Combined(aligned.mean(0), weights, None)
     if method is Method.EQUIZERO:
         with torch.no_grad():
-            selected = equizero_loss(aligned, ZeroLoss(zero_loss), class_dim).argmin(0)  # [B]
-        index = selected.reshape(1, batch, *([1] * (aligned.dim() - 2))).expand(1, *aligned.shape[1:])
-        output = aligned.gather(0, index).squeeze(0)
+            weights, selected = equizero_weights(equizero_loss(aligned, ZeroLoss(zero_loss), class_dim))
+        output = _weighted_sum(aligned, weights)  # the selected copy; the mean of tied ones
         if straight_through:
             mean = aligned.mean(0)
             output = mean + (output - mean).detach()
-        weights = torch.nn.functional.one_hot(selected, n).T.float()
         return Combined(output, weights, selected)
     if method is Method.LAMBDA:
         if log_lambda is None:

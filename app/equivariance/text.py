@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .groups import PermutationGroup
-from .methods import Combined, Method, ZeroLoss, combine, equizero_loss
+from .methods import Combined, Method, ZeroLoss, combine, equizero_loss, equizero_weights
 
 __all__ = [
     "DEFAULT_GENERAL_WORDS",
@@ -87,7 +87,6 @@ DEFAULT_GENERAL_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 FORMS = ("space", "bare", "capitalized_space", "capitalized_bare")
-TIE_TOLERANCE = 1e-6  # equizero: losses this close (relative) to the least one count as tied
 
 
 class TextGroupError(ValueError):
@@ -432,11 +431,7 @@ def combine_next_token(
     space = CombineSpace(space)
     if method is Method.EQUIZERO:
         with torch.no_grad():
-            losses = equizero_loss(aligned, ZeroLoss(zero_loss))  # [|G|, B]
-            best = losses.min(0, keepdim=True).values
-            tied = losses <= best + TIE_TOLERANCE * best.abs().clamp_min(1.0)
-            weights = tied.float() / tied.sum(0, keepdim=True)
-            selected = losses.argmin(0)
+            weights, selected = equizero_weights(equizero_loss(aligned, ZeroLoss(zero_loss)))  # [|G|, B]
         log_w = weights.to(aligned.dtype).clamp_min(1e-30).log()
         if space is CombineSpace.PROBS:
             out = torch.logsumexp(aligned + log_w.unsqueeze(-1), dim=0)
