@@ -69,6 +69,27 @@ async def test_engine_trims_once_per_quiet_spell(tiny_models_dir: Path, monkeypa
         assert len(calls) == 2
 
 
+async def test_steady_traffic_is_not_trimmed_between_requests(
+    tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client at concurrency 1 leaves the engine idle for moments between its requests;
+    those are not quiet spells: releasing then would make every next batch regrow memory."""
+    calls: list[int] = []
+    monkeypatch.setattr(engine_module, "release_free_memory", lambda: calls.append(1) or True)
+    image = png_bytes(np.zeros((40, 40, 3), "uint8"))
+    settings = make_settings(tiny_models_dir, memory_trim_idle_s=0.3, warmup=False)
+    async with serving(settings) as (client, _):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.5
+        while loop.time() < end:
+            r = await client.post("/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
+            assert r.status_code == 200
+            await asyncio.sleep(0.1)  # idle most of the time, but never for a whole interval
+        assert calls == []
+        await asyncio.sleep(1.0)
+        assert len(calls) == 1
+
+
 async def test_zero_disables_trimming(tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(engine_module, "release_free_memory", lambda: calls.append(1) or True)

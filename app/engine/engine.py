@@ -142,13 +142,19 @@ class Engine:
         return release_free_memory()
 
     async def _release_memory_when_idle(self) -> None:
-        """Once traffic stops, hand the memory it freed back to the OS (see app.engine.memory):
-        checked every ``memory_trim_idle_s``; trims once per quiet spell that followed work."""
-        trimmed_at = 0
+        """Once traffic stops, hand the memory it freed back to the OS (see app.engine.memory).
+
+        Checked every ``memory_trim_idle_s``: releases once per quiet spell that followed work,
+        i.e. when no batch ran during a whole interval and nothing is in flight. (Being idle
+        at the instant of the check is not enough: a steady client at concurrency 1 leaves
+        the engine idle for a moment between its requests.)"""
+        trimmed_at = last_seen = 0
         while True:
             await asyncio.sleep(self.settings.memory_trim_idle_s)
             batches = sum(b.stats.batches for b in self.batchers.values())
-            if batches != trimmed_at and self.idle:
+            quiet = batches == last_seen
+            last_seen = batches
+            if quiet and batches != trimmed_at and self.idle:
                 trimmed_at = batches
                 released = await asyncio.to_thread(self._release_memory)
                 log.debug("idle after %d batches: malloc_trim released memory: %s", batches, released)
