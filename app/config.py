@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per fused forward pass (GPUs: 64-256)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more, from its FIRST item")
     queue_size: int = Field(512, ge=1, description="images waiting per model before 429")
-    request_timeout_s: float = Field(30.0, gt=0, description="deadline in the queue before 504")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="deadline from a request's arrival to the start of its batch, else 504"
+    )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body limit (413)")
     max_pixels: int = Field(25_000_000, ge=1, description="decoded pixels per image (413; decompression bombs)")
     max_images: int = Field(16, ge=1, description="images per request (413)")

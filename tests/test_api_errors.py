@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import time
 from pathlib import Path
 
 import httpx
@@ -116,6 +117,34 @@ async def test_deadline_in_the_queue_gives_504(tiny_models_dir: Path) -> None:
         assert_error(await client.post(URL, files=[image_file()]), 504, "deadline_exceeded")
         arrival.close()
         assert (await client.get("/health/ready")).status_code == 200
+
+
+async def test_the_deadline_runs_from_arrival_not_from_queueing(
+    tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Time spent decoding and preprocessing counts: a request is answered within
+    ``request_timeout_s`` of its arrival, whatever it waited for before its queue."""
+    from app.engine.runner import ImageRunner
+
+    real = ImageRunner.preprocess
+
+    def slow_preprocess(self: ImageRunner, image: np.ndarray) -> object:
+        time.sleep(0.6)
+        return real(self, image)
+
+    monkeypatch.setattr(ImageRunner, "preprocess", slow_preprocess)
+    settings = make_settings(tiny_models_dir, max_wait_ms=5000, request_timeout_s=1.0)
+    async with serving(settings) as (client, app):
+        arrival = app.state.engine.announce("tiny")  # keeps the batch waiting up to 5 s
+        t0 = time.perf_counter()
+        assert_error(await client.post(URL, files=[image_file()]), 504, "deadline_exceeded")
+        assert time.perf_counter() - t0 < 1.45  # 1 s after arrival; from queueing it would be 1.6 s
+        arrival.close()
+    settings = make_settings(tiny_models_dir, request_timeout_s=0.3)
+    async with serving(settings) as (client, app):  # the whole deadline spent before queueing
+        body = assert_error(await client.post(URL, files=[image_file()]), 504, "deadline_exceeded")
+        assert "before it could be queued" in body["message"]
+        assert app.state.engine.batchers["tiny"].stats.items == 0  # never reached the model
 
 
 async def test_503_before_ready_and_while_draining(tiny_models_dir: Path) -> None:

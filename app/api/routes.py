@@ -197,7 +197,7 @@ def build_router() -> APIRouter:
         arrival = engine.announce(name)
         try:
             payloads, method, top_k, labels = await read_classify_request(request, settings)
-            engine.check_capacity(name, len(payloads))
+            engine.check_capacity(name, len(payloads), arrival)
             images = await asyncio.gather(
                 *(
                     run_in_threadpool(

@@ -63,6 +63,7 @@ class Arrival:
 
     def __init__(self, batcher: DynamicBatcher | None) -> None:
         self._batcher = batcher  # None: nothing to tell (e.g. an unknown model, refused later)
+        self.started = time.perf_counter()  # the request's deadline counts from here
         if batcher is not None:
             batcher._arriving += 1
 

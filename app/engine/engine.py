@@ -25,7 +25,16 @@ from app.equivariance import Method
 from app.metrics import Metrics
 
 from .batcher import Arrival, BatchInfo, DynamicBatcher
-from .errors import EngineError, InferenceFailed, InvalidInput, ModelNotFound, NotReady, QueueFull, TooLarge
+from .errors import (
+    DeadlineExceeded,
+    EngineError,
+    InferenceFailed,
+    InvalidInput,
+    ModelNotFound,
+    NotReady,
+    QueueFull,
+    TooLarge,
+)
 from .memory import release_free_memory
 from .priority import lower_this_thread
 from .registry import LoadedModel, ModelLoadError, list_models, load_model, model_dir, read_spec
@@ -277,15 +286,26 @@ class Engine:
         batcher = self.batchers.get(model)
         return batcher.announce() if batcher is not None else Arrival(None)
 
-    def check_capacity(self, model: str, n_images: int) -> None:
+    def check_capacity(self, model: str, n_images: int, arrival: Arrival | None = None) -> None:
         """Raise ``QueueFull`` (429) now if ``n_images`` for ``model`` would be refused later:
         lets the HTTP layer shed a request before it spends CPU decoding its images."""
         if model in self.batchers:
-            self._admit(self.batchers[model], n_images)
+            self._admit(self.batchers[model], n_images, self._time_left(arrival))
 
-    def _admit(self, batcher: DynamicBatcher[ImageItem, ImageResult], n_images: int) -> None:
+    def _time_left(self, arrival: Arrival | None) -> float:
+        """Seconds left of the request's deadline, which runs from its arrival: reading and
+        decoding count, so an accepted request is answered within ``request_timeout_s``."""
+        spent = time.perf_counter() - arrival.started if arrival is not None else 0.0
+        return self.settings.request_timeout_s - spent
+
+    def _admit(self, batcher: DynamicBatcher[ImageItem, ImageResult], n_images: int, time_left: float) -> None:
+        if time_left <= 0:
+            self.metrics.rejected.labels(batcher.name, "deadline_exceeded").inc()
+            raise DeadlineExceeded(
+                f"the request spent its {self.settings.request_timeout_s:g} s deadline before it could be queued"
+            )
         try:
-            batcher.check_admission(n_images, self.settings.request_timeout_s)
+            batcher.check_admission(n_images, time_left)
         except QueueFull:
             self.metrics.rejected.labels(batcher.name, "queue_full").inc()
             raise
@@ -302,16 +322,14 @@ class Engine:
     ) -> ClassifyOutput:
         batcher = self.batchers[loaded.name]
         runner = self.runners[loaded.name]
-        self._admit(batcher, len(images))  # shed before spending CPU on preprocessing
+        self._admit(batcher, len(images), self._time_left(arrival))  # shed before preprocessing
         loop = asyncio.get_running_loop()
         pixels = await asyncio.gather(*(loop.run_in_executor(self._preprocess, runner.preprocess, im) for im in images))
         # Check again and queue all images with no await in between: all or none are accepted.
-        self._admit(batcher, len(images))
+        time_left = self._time_left(arrival)
+        self._admit(batcher, len(images), time_left)
         self.check_accepting()
-        futures = [
-            batcher.submit_nowait(ImageItem(p, method, top_k, labels), self.settings.request_timeout_s, request_id)
-            for p in pixels
-        ]
+        futures = [batcher.submit_nowait(ImageItem(p, method, top_k, labels), time_left, request_id) for p in pixels]
         arrival.close()  # queued: nothing more of this request is on its way
         try:
             answers: list[tuple[ImageResult, BatchInfo]] = await asyncio.gather(*futures)
