@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
+# What runs an image backbone (app.engine.registry.load_model): here, as the setting's type.
+Runtime = Literal["auto", "torch", "onnxruntime"]
+
+
 class Settings(BaseSettings):
     """Server settings. Read from the environment (prefix ``EQUISERVE_``) and ``.env``."""
 
@@ -26,7 +30,7 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="inference dtype on CUDA (the CPU always runs float32)"
     )
-    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+    runtime: Runtime = Field(
         "auto",
         description="what runs image backbones: auto = onnxruntime on the CPU (~3x faster there), torch on CUDA",
     )

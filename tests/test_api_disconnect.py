@@ -17,6 +17,16 @@ from tests.apptools import make_settings
 from tests.conftest import png_bytes
 
 
+def classify_scope(headers: list[tuple[bytes, bytes]]) -> dict:
+    """The ASGI scope of ``POST /v1/models/tiny/classify``: driving the app by hand lets a test
+    choose exactly when the client's body arrives and when it hangs up."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/models/tiny/classify", "raw_path": b"/v1/models/tiny/classify", "query_string": b"",
+        "headers": headers, "client": ("127.0.0.1", 1234), "server": ("test", 80), "root_path": "",
+    }  # fmt: skip
+
+
 async def test_disconnected_request_is_dropped_before_the_forward_pass(tiny_models_dir: Path) -> None:
     app = create_app(make_settings(tiny_models_dir, max_wait_ms=300, max_batch_size=8))
     image = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
@@ -39,12 +49,7 @@ async def test_disconnected_request_is_dropped_before_the_forward_pass(tiny_mode
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": "/v1/models/tiny/classify", "raw_path": b"/v1/models/tiny/classify", "query_string": b"",
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 1234), "server": ("test", 80), "root_path": "",
-        }  # fmt: skip
+        scope = classify_scope([(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())])
         arrival = engine.announce("tiny")  # another request on its way: the batch timer runs
         call = asyncio.ensure_future(manager.app(scope, receive, send))
         for _ in range(100):  # wait until the image is queued
@@ -82,12 +87,7 @@ async def test_a_client_gone_mid_body_is_a_499_not_a_server_error(
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": "/v1/models/tiny/classify", "raw_path": b"/v1/models/tiny/classify", "query_string": b"",
-            "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())],
-            "client": ("127.0.0.1", 1234), "server": ("test", 80), "root_path": "",
-        }  # fmt: skip
+        scope = classify_scope([(b"content-type", f"multipart/form-data; boundary={boundary}".encode())])
         with caplog.at_level(logging.INFO):
             await asyncio.wait_for(manager.app(scope, receive, send), 5)
         statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]

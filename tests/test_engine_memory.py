@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -52,49 +53,50 @@ def test_trim_returns_freed_heap_pages() -> None:
     assert before - after > 200_000, (before, after)  # ~370 MiB were freed; most of it goes back
 
 
-async def test_engine_trims_once_per_quiet_spell(tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def releases(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per time the engine released memory (the release itself is replaced)."""
     calls: list[int] = []
     monkeypatch.setattr(engine_module, "release_free_memory", lambda: calls.append(1) or True)
+    return calls
+
+
+async def classify_once(client: httpx.AsyncClient) -> None:
     image = png_bytes(np.zeros((40, 40, 3), "uint8"))
+    r = await client.post("/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
+    assert r.status_code == 200
+
+
+async def test_engine_trims_once_per_quiet_spell(tiny_models_dir: Path, releases: list[int]) -> None:
     settings = make_settings(tiny_models_dir, memory_trim_idle_s=0.1, warmup=False)
     async with serving(settings) as (client, _):
         await asyncio.sleep(0.4)
-        assert calls == []  # no traffic yet: nothing to give back
-        r = await client.post("/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
-        assert r.status_code == 200
+        assert releases == []  # no traffic yet: nothing to give back
+        await classify_once(client)
         await asyncio.sleep(0.5)
-        assert len(calls) == 1  # trimmed after the quiet spell, and only once
-        r = await client.post("/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
+        assert len(releases) == 1  # trimmed after the quiet spell, and only once
+        await classify_once(client)
         await asyncio.sleep(0.5)
-        assert len(calls) == 2
+        assert len(releases) == 2
 
 
-async def test_steady_traffic_is_not_trimmed_between_requests(
-    tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_steady_traffic_is_not_trimmed_between_requests(tiny_models_dir: Path, releases: list[int]) -> None:
     """A client at concurrency 1 leaves the engine idle for moments between its requests;
     those are not quiet spells: releasing then would make every next batch regrow memory."""
-    calls: list[int] = []
-    monkeypatch.setattr(engine_module, "release_free_memory", lambda: calls.append(1) or True)
-    image = png_bytes(np.zeros((40, 40, 3), "uint8"))
     settings = make_settings(tiny_models_dir, memory_trim_idle_s=0.3, warmup=False)
     async with serving(settings) as (client, _):
         loop = asyncio.get_running_loop()
         end = loop.time() + 1.5
         while loop.time() < end:
-            r = await client.post("/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
-            assert r.status_code == 200
+            await classify_once(client)
             await asyncio.sleep(0.1)  # idle most of the time, but never for a whole interval
-        assert calls == []
+        assert releases == []
         await asyncio.sleep(1.0)
-        assert len(calls) == 1
+        assert len(releases) == 1
 
 
-async def test_zero_disables_trimming(tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    monkeypatch.setattr(engine_module, "release_free_memory", lambda: calls.append(1) or True)
-    image = png_bytes(np.zeros((40, 40, 3), "uint8"))
+async def test_zero_disables_trimming(tiny_models_dir: Path, releases: list[int]) -> None:
     async with serving(make_settings(tiny_models_dir, memory_trim_idle_s=0, warmup=False)) as (client, _):
-        await client.post("/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
+        await classify_once(client)
         await asyncio.sleep(0.3)
-    assert calls == []
+    assert releases == []

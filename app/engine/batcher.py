@@ -223,13 +223,18 @@ class DynamicBatcher(Generic[T, R]):
         batch would have reached it (that can be a whole batch later)."""
         if pending.future.done():
             return  # cancelled (client gone): dropped when a batch reaches it
-        with contextlib.suppress(ValueError):  # already taken into a batch: it will be answered
+        try:
             self._queue.remove(pending)
-            self.stats.expired += 1
-            pending.future.set_exception(
-                DeadlineExceeded(f"waited {time.perf_counter() - pending.enqueued:.3f} s in the queue of {self.name!r}")
-            )
-            self._report_depth()
+        except ValueError:  # already taken into a batch: it will be answered
+            return
+        self._answer_expired(pending, time.perf_counter())
+        self._report_depth()
+
+    def _answer_expired(self, pending: _Pending[T], now: float) -> None:
+        self.stats.expired += 1
+        pending.future.set_exception(
+            DeadlineExceeded(f"waited {now - pending.enqueued:.3f} s in the queue of {self.name!r}")
+        )
 
     def _take_batch(self) -> list[_Pending[T]]:
         """Pop up to ``max_batch_size`` live items, answering expired and skipping cancelled ones."""
@@ -242,11 +247,8 @@ class DynamicBatcher(Generic[T, R]):
             if pending.future.done():  # cancelled: the client went away
                 self.stats.cancelled += 1
                 continue
-            if now > pending.deadline:
-                self.stats.expired += 1
-                pending.future.set_exception(
-                    DeadlineExceeded(f"waited {now - pending.enqueued:.3f} s in the queue of {self.name!r}")
-                )
+            if now > pending.deadline:  # its timer has not fired yet (a busy event loop)
+                self._answer_expired(pending, now)
                 continue
             batch.append(pending)
         self._report_depth()

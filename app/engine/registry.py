@@ -22,6 +22,7 @@ from app.backbones.base import ImageBackbone, LinearHeadBackbone
 from app.backbones.factory import create_backbone
 from app.backbones.onnx_cache import can_export, onnx_backbone
 from app.backbones.onnx_runtime import OnnxBackbone
+from app.config import Runtime
 from app.equivariance import IMAGE_GROUPS, EquivariantModel, LambdaNet, Method, ZeroLoss, image_group
 
 from .errors import InvalidInput
@@ -176,9 +177,6 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     # Half precision on the CPU is slower and less exact than float32: the CPU stays float32.
     return getattr(torch, dtype) if device.type == "cuda" else torch.float32
-
-
-Runtime = Literal["auto", "torch", "onnxruntime"]
 
 
 def load_model(
