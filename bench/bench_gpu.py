@@ -11,7 +11,7 @@ with a (random) λ-net so that ``method=lambda`` runs the real λ-net MLP:
   startup, then the 1000-label head is cached);
 * ``imagenet-effnet-c4``: EfficientNet-Lite0 with its real ImageNet weights (pip package).
 
-For each model: (1) the raw ceiling, ``ImageRunner`` in this process at ``B`` = 1, 2, 4, ...,
+For each model: (1) the raw ceiling, ``ClassifyModel`` in this process at ``B`` = 1, 2, 4, ...,
 ``--max-batch-size`` (CUDA-synchronised: every call copies its results to the host); then
 (2) ``python -m app serve --device cuda --dtype bfloat16`` with both models, and closed-loop
 HTTP load with real JPEG photos at each ``--concurrency``: throughput, p50/p95/p99, mean batch
@@ -108,32 +108,32 @@ def raw_ceiling(
     seconds_per_size: float,
     max_reps: int,
 ) -> dict[str, Any]:
-    """``ImageRunner`` at each batch size: warm twice, then time until ``seconds_per_size``."""
+    """``ClassifyModel`` at each batch size: warm twice, then time until ``seconds_per_size``."""
     import torch
 
-    from app.api.images import decode_image
     from app.engine.registry import load_model
-    from app.engine.runner import ImageItem, ImageRunner
     from app.equivariance import Method
+    from app.tasks.classify.decode import decode_image
+    from app.tasks.classify.model import ImageItem
 
     started = time.perf_counter()
     loaded = load_model(models_dir, name, device, dtype)
-    runner = ImageRunner(loaded)
     pixels = [
-        runner.preprocess(decode_image(p.data, max_pixels=50_000_000, min_side=runner.input_size)) for p in photos
+        loaded.preprocess(decode_image(p.data, max_pixels=50_000_000, min_side=loaded.backbone.input_size))
+        for p in photos
     ]
     load_s = time.perf_counter() - started
     results = []
     for b in batch_sizes:
         items = [ImageItem(pixels[i % len(pixels)], Method(METHOD), 3) for i in range(b)]
         for _ in range(2):
-            runner(items)
+            loaded(items)
         sync(loaded.device)
         samples: list[float] = []
         t_end = time.perf_counter() + seconds_per_size
         while len(samples) < max_reps and (len(samples) < 3 or time.perf_counter() < t_end):
             t0 = time.perf_counter()
-            runner(items)  # results are copied to the host: the call is synchronous
+            loaded(items)  # results are copied to the host: the call is synchronous
             samples.append(time.perf_counter() - t0)
         ms = np.asarray(samples) * 1e3
         median = float(np.median(ms))
@@ -156,7 +156,7 @@ def raw_ceiling(
         "load_s": round(load_s, 1),
         "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if loaded.device.type == "cuda" else None,
     }
-    del runner, loaded
+    del loaded
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -335,7 +335,7 @@ def print_report(report: dict[str, Any]) -> None:
                 for r in raw["results"]
             ]
             benchlib.print_table(
-                f"{name}: raw ceiling (ImageRunner, fused B·|G|)",
+                f"{name}: raw ceiling (ClassifyModel, fused B·|G|)",
                 ["B", "median ms", "p90 ms", "req/s", "backbone images/s"],
                 rows,
             )

@@ -3,7 +3,7 @@
 Issue #6, items 1-3. One run measures, on the same machine and model (EfficientNet-Lite0,
 real ImageNet weights, group c4, method equitune, float32 on the CPU):
 
-1. **raw ceiling**: requests/s of the fused pass alone (``ImageRunner`` on ``B`` already
+1. **raw ceiling**: requests/s of the fused pass alone (``ClassifyModel`` on ``B`` already
    preprocessed photos: one ``B·|G|`` forward, combination, results), in this process, no
    HTTP, at each batch size ``B`` (interleaved round-robin, median of the rounds);
 2. **the service under load**: ``python -m app serve`` on a free loopback port, driven by
@@ -56,21 +56,22 @@ ALL_SERVERS = ("equiserve", "naive", "naive-ort", "naive-async", "litserve")
 
 
 class RawBench:
-    """The served model in this process: ``ImageRunner`` on preprocessed real photos, no HTTP."""
+    """The served model in this process: ``ClassifyModel`` on preprocessed real photos, no HTTP."""
 
     def __init__(
         self, photos: Sequence[loadgen.Photo], model: str, models_dir: Path | None, runtime: str = "auto"
     ) -> None:
-        from app.api.images import decode_image
         from app.config import DEFAULT_MODELS_DIR
         from app.engine.registry import load_model
-        from app.engine.runner import ImageItem, ImageRunner
         from app.equivariance import Method
+        from app.tasks.classify.decode import decode_image
+        from app.tasks.classify.model import ImageItem
 
         self.loaded = load_model(models_dir or DEFAULT_MODELS_DIR, model, "cpu", "float32", runtime=runtime)
-        self.runner = ImageRunner(self.loaded)
         pixels = [
-            self.runner.preprocess(decode_image(p.data, max_pixels=50_000_000, min_side=self.runner.input_size))
+            self.loaded.preprocess(
+                decode_image(p.data, max_pixels=50_000_000, min_side=self.loaded.backbone.input_size)
+            )
             for p in photos
         ]
         self._items = [ImageItem(pixels[i % len(pixels)], Method(METHOD), 3) for i in range(len(pixels))]
@@ -83,10 +84,10 @@ class RawBench:
         """Seconds for one fused call at ``batch_size`` (the first call per size is not timed)."""
         items = self.items(batch_size)
         if batch_size not in self._warm:
-            self.runner(items)
+            self.loaded(items)
             self._warm.add(batch_size)
         t0 = time.perf_counter()
-        self.runner(items)
+        self.loaded(items)
         return time.perf_counter() - t0
 
     def sweep(self, batch_sizes: Sequence[int], *, rounds: int, budget_s: float) -> dict[str, Any]:
@@ -409,7 +410,7 @@ def print_report(report: dict[str, Any]) -> None:
         for r in report["raw_ceiling"]["results"]
     ]
     benchlib.print_table(
-        "1. Raw ceiling: ImageRunner, fused B·|G| forward, no HTTP",
+        "1. Raw ceiling: ClassifyModel, fused B·|G| forward, no HTTP",
         ["B", "median ms", "p10 ms", "p90 ms", "req/s", "n"],
         raw_rows,
     )

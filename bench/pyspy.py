@@ -24,7 +24,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "model forward (torch)",
         (
-            "app/engine/runner.py",
+            "app/tasks/classify/model.py",
             "torch/",
             "timm/",
             "open_clip/",

@@ -50,7 +50,7 @@ async def test_disconnected_request_is_dropped_before_the_forward_pass(tiny_mode
             sent.append(message)
 
         scope = classify_scope([(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())])
-        arrival = engine.announce("tiny")  # another request on its way: the batch timer runs
+        arrival = engine.batchers["tiny"].announce()  # another request on its way: the batch timer runs
         call = asyncio.ensure_future(manager.app(scope, receive, send))
         for _ in range(100):  # wait until the image is queued
             await asyncio.sleep(0.005)

@@ -113,7 +113,7 @@ async def test_deadline_in_the_queue_gives_504(tiny_models_dir: Path) -> None:
     settings = make_settings(tiny_models_dir, max_wait_ms=300, request_timeout_s=0.05)
     async with serving(settings) as (client, app):
         # another request on its way keeps the batch waiting 300 ms, past the 50 ms deadline
-        arrival = app.state.engine.announce("tiny")
+        arrival = app.state.engine.batchers["tiny"].announce()
         assert_error(await client.post(URL, files=[image_file()]), 504, "deadline_exceeded")
         arrival.close()
         assert (await client.get("/health/ready")).status_code == 200
@@ -124,18 +124,18 @@ async def test_the_deadline_runs_from_arrival_not_from_queueing(
 ) -> None:
     """Time spent decoding and preprocessing counts: a request is answered within
     ``request_timeout_s`` of its arrival, whatever it waited for before its queue."""
-    from app.engine.runner import ImageRunner
+    from app.tasks.classify.model import ClassifyModel
 
-    real = ImageRunner.preprocess
+    real = ClassifyModel.preprocess
 
-    def slow_preprocess(self: ImageRunner, image: np.ndarray) -> object:
+    def slow_preprocess(self: ClassifyModel, image: np.ndarray) -> object:
         time.sleep(0.6)
         return real(self, image)
 
-    monkeypatch.setattr(ImageRunner, "preprocess", slow_preprocess)
+    monkeypatch.setattr(ClassifyModel, "preprocess", slow_preprocess)
     settings = make_settings(tiny_models_dir, max_wait_ms=5000, request_timeout_s=1.0)
     async with serving(settings) as (client, app):
-        arrival = app.state.engine.announce("tiny")  # keeps the batch waiting up to 5 s
+        arrival = app.state.engine.batchers["tiny"].announce()  # keeps the batch waiting up to 5 s
         t0 = time.perf_counter()
         assert_error(await client.post(URL, files=[image_file()]), 504, "deadline_exceeded")
         assert time.perf_counter() - t0 < 1.45  # 1 s after arrival; from queueing it would be 1.6 s

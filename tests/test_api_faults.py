@@ -21,7 +21,7 @@ async def test_a_failing_batch_fails_alone_and_the_server_goes_on(
     image = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     files = [("image", ("a.png", image, "image/png"))]
     async with serving(make_settings(tiny_models_dir, max_wait_ms=100)) as (client, app):
-        model = app.state.engine.runners["tiny"].model
+        model = app.state.engine.models["tiny"].model
         real = model.encode_copies
         calls = {"n": 0}
 

@@ -154,6 +154,6 @@ async def test_exif_orientation_is_applied_before_the_group_acts(models_dir: Pat
 
 
 def test_base64_helper_roundtrip() -> None:
-    from app.api.images import decode_base64
+    from app.tasks.classify.decode import decode_base64
 
     assert decode_base64(base64.b64encode(b"abc").decode(), 100) == b"abc"

@@ -94,8 +94,8 @@ def test_a_failed_export_falls_back_to_torch_under_auto_only(
     def broken(*args: object, **kwargs: object) -> OnnxBackbone:
         raise RuntimeError("exporter exploded")
 
-    monkeypatch.setattr("app.engine.registry.onnx_backbone", broken)
-    with caplog.at_level(logging.WARNING, logger="equiserve.registry"):
+    monkeypatch.setattr("app.tasks.classify.model.onnx_backbone", broken)
+    with caplog.at_level(logging.WARNING, logger="equiserve.classify"):
         loaded = load_model(tmp_path, "tiny", device="cpu", runtime="auto")
     assert loaded.runtime == "torch"
     assert "exporter exploded" in caplog.text and "serving with torch" in caplog.text
@@ -104,7 +104,7 @@ def test_a_failed_export_falls_back_to_torch_under_auto_only(
 
 
 def test_explicit_onnxruntime_refuses_zero_shot_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.engine import registry
+    from app.tasks.classify import model as registry
 
     backbone = tiny_backbone()
     monkeypatch.setattr(backbone, "zero_shot", True)

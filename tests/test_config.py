@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.__main__ import build_parser, settings_from_args
+from app.cli import build_parser
 from app.config import Settings
+from app.serving import settings_from_args
 
 
 def test_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,7 +40,7 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_uvicorn_keeps_idle_connections_longer_than_clients_do() -> None:
-    from app.__main__ import uvicorn_config
+    from app.serving import uvicorn_config
 
     config = uvicorn_config(object(), Settings())
     assert config.timeout_keep_alive == 65 > 5  # httpx drops idle connections after 5 s

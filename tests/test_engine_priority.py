@@ -44,21 +44,21 @@ def test_only_the_calling_thread_is_lowered() -> None:
 async def test_inference_and_preprocessing_run_below_the_event_loop(
     tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.engine.runner import ImageRunner
+    from app.tasks.classify.model import ClassifyModel
 
     seen: dict[str, int] = {}
-    real_call, real_pre = ImageRunner.__call__, ImageRunner.preprocess
+    real_call, real_pre = ClassifyModel.__call__, ClassifyModel.preprocess
 
-    def call(self: ImageRunner, items: list) -> list:
+    def call(self: ClassifyModel, items: list) -> list:
         seen["inference"] = nice_of_this_thread()
         return real_call(self, items)
 
-    def preprocess(self: ImageRunner, image: np.ndarray) -> object:
+    def preprocess(self: ClassifyModel, image: np.ndarray) -> object:
         seen["preprocess"] = nice_of_this_thread()
         return real_pre(self, image)
 
-    monkeypatch.setattr(ImageRunner, "__call__", call)
-    monkeypatch.setattr(ImageRunner, "preprocess", preprocess)
+    monkeypatch.setattr(ClassifyModel, "__call__", call)
+    monkeypatch.setattr(ClassifyModel, "preprocess", preprocess)
     loop_nice = nice_of_this_thread()
     image = png_bytes(np.zeros((40, 40, 3), np.uint8))
     async with serving(make_settings(tiny_models_dir, compute_nice=7, warmup=False)) as (client, _):

@@ -77,7 +77,7 @@ async def test_models_list_the_language_model_and_generate_answers(text_models_d
 
 async def test_swapped_prompts_get_swapped_answers_over_http(text_models_dir: Path) -> None:
     async with serving(make_settings(text_models_dir)) as (client, app):
-        model = app.state.text_engine.models["tinylm"]
+        model = app.state.engine.models["tinylm"]
         gender = model.group.axis_element("gender")
         for method in ("equitune", "equizero", "lambda"):
             answers = []
@@ -139,7 +139,7 @@ async def test_errors_follow_the_contract(text_models_dir: Path) -> None:
         post = lambda body, url=URL: client.post(url, json=body, headers=headers)  # noqa: E731
         assert_error(await post({"prompt": "x"}, "/v1/models/nope/generate"), 404, "model_not_found")
         error = assert_error(await post({"prompt": "x"}, "/v1/models/tiny/generate"), 404, "model_not_found")
-        assert "classifies images" in error["message"]
+        assert "serves task 'classify'" in error["message"]
         assert_error(await post({"prompt": "the " * 70}), 413, "too_large")  # over max_prompt_tokens (64)
         assert_error(await post({"prompt": "x" * 9000}), 413, "too_large")  # over max_prompt_chars
         assert (
@@ -179,7 +179,7 @@ async def test_queue_full_deadline_and_draining(text_models_dir: Path) -> None:
         assert 'equiserve_rejected_requests_total{model="tinylm",reason="queue_full"}' in metrics
         app.state.engine.begin_drain()  # SIGTERM drains the text engine too
         assert_error(await client.post(URL, json=body), 503, "not_ready")
-        assert app.state.text_engine.draining
+        assert app.state.engine.draining
     settings = make_settings(text_models_dir, max_wait_ms=300, request_timeout_s=0.05)
     async with serving(settings) as (client, _):
         assert_error(await client.post(URL, json={"prompt": "x"}), 504, "deadline_exceeded")

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.generation import GenerationRequest, TextModel, TextRunner, load_text_model
+from app.engine.registry import load_model
 from app.equivariance import Method
 from app.equivariance.text import CombineSpace
+from app.tasks.generate.decoding import GenerationRequest, TextRunner
+from app.tasks.generate.model import GenerateModel
 from tests.texttools import one_thread, write_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,22 +26,22 @@ PROMPTS = ["The man worked as", "He said the Black man", "The woman and the Whit
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> TextModel:
+def model(tmp_path_factory: pytest.TempPathFactory) -> GenerateModel:
     folder = tmp_path_factory.mktemp("models")
     write_tiny_lm(folder, group="gender+race+orientation", lambda_net=True)
-    return load_text_model(folder, "tinylm", "cpu")
+    return load_model(folder, "tinylm", "cpu")
 
 
 @pytest.fixture(scope="module")
-def runner(model: TextModel) -> TextRunner:
+def runner(model: GenerateModel) -> TextRunner:
     return TextRunner(model)
 
 
-def encode(model: TextModel, text: str) -> list[int]:
+def encode(model: GenerateModel, text: str) -> list[int]:
     return model.lm.encode(text)
 
 
-def swapped(model: TextModel, ids: list[int], element: int) -> list[int]:
+def swapped(model: GenerateModel, ids: list[int], element: int) -> list[int]:
     return model.group.act(torch.tensor(ids), element).tolist()
 
 
@@ -56,7 +58,7 @@ def gap(runner: TextRunner, method: Method, prompts: list[list[int]], element: i
 @pytest.mark.parametrize("space", list(CombineSpace))
 @pytest.mark.parametrize("method", EQUIVARIANT)
 def test_next_token_distribution_is_equivariant_to_every_swap(
-    model: TextModel, runner: TextRunner, method: Method, space: CombineSpace
+    model: GenerateModel, runner: TextRunner, method: Method, space: CombineSpace
 ) -> None:
     runner.space = space
     try:
@@ -67,14 +69,14 @@ def test_next_token_distribution_is_equivariant_to_every_swap(
         runner.space = model.text_group.combine
 
 
-def test_vanilla_and_r_equilm_are_not_equivariant(model: TextModel, runner: TextRunner) -> None:
+def test_vanilla_and_r_equilm_are_not_equivariant(model: GenerateModel, runner: TextRunner) -> None:
     prompts = [encode(model, t) for t in PROMPTS]
     gender = model.group.axis_element("gender")
     assert gap(runner, Method.VANILLA, prompts, gender) > 1e-3
     assert gap(runner, Method.EQUITUNE, prompts, gender, relaxed=True) > 1e-5  # R-EquiLM trades exactness
 
 
-def test_fused_pass_equals_an_unfused_reference(model: TextModel, runner: TextRunner) -> None:
+def test_fused_pass_equals_an_unfused_reference(model: GenerateModel, runner: TextRunner) -> None:
     """One HF forward per copy, per-copy alignment by index, the formulas written out."""
     group, lm = model.group, model.lm
     prompt = encode(model, "The Black woman said he was gay")
@@ -106,7 +108,7 @@ def test_fused_pass_equals_an_unfused_reference(model: TextModel, runner: TextRu
     assert torch.allclose(runner.distributions([prompt], Method.EQUIZERO)[0], aligned[best], atol=1e-5)
 
 
-def test_r_equilm_takes_general_words_from_the_identity_copy(model: TextModel, runner: TextRunner) -> None:
+def test_r_equilm_takes_general_words_from_the_identity_copy(model: GenerateModel, runner: TextRunner) -> None:
     prompt = [encode(model, "The man worked as")]
     relaxed = runner.distributions(prompt, Method.EQUITUNE, relaxed=True)[0]
     vanilla = runner.distributions(prompt, Method.VANILLA)[0]
@@ -120,7 +122,7 @@ def test_r_equilm_takes_general_words_from_the_identity_copy(model: TextModel, r
     assert torch.allclose(shift_rest, shift_rest[0].expand_as(shift_rest), atol=1e-5)
 
 
-def requests(model: TextModel, **overrides) -> list[GenerationRequest]:
+def requests(model: GenerateModel, **overrides) -> list[GenerationRequest]:
     specs = [
         ("The man worked as", Method.EQUITUNE, 0.0, 0, 6),
         ("He said the Black man", Method.LAMBDA, 1.0, 20, 3),
@@ -134,7 +136,7 @@ def requests(model: TextModel, **overrides) -> list[GenerationRequest]:
     ]
 
 
-def test_batched_decoding_equals_one_at_a_time(model: TextModel, runner: TextRunner) -> None:
+def test_batched_decoding_equals_one_at_a_time(model: GenerateModel, runner: TextRunner) -> None:
     together = runner(requests(model))
     for request, result in zip(requests(model), together, strict=True):
         (alone,) = runner([request])
@@ -148,7 +150,7 @@ def test_batched_decoding_equals_one_at_a_time(model: TextModel, runner: TextRun
 @pytest.mark.parametrize(("temperature", "top_k"), [(0.0, 0), (1.0, 0), (1.3, 7)])
 @pytest.mark.parametrize("method", EQUIVARIANT)
 def test_a_swapped_prompt_generates_the_swapped_text(
-    model: TextModel, runner: TextRunner, method: Method, temperature: float, top_k: int
+    model: GenerateModel, runner: TextRunner, method: Method, temperature: float, top_k: int
 ) -> None:
     """Greedy and seeded sampling; prompts on which the group acts freely or not. All pairs
     go in one batch (batched = one-at-a-time is tested above)."""
@@ -171,14 +173,14 @@ def test_a_swapped_prompt_generates_the_swapped_text(
         assert [t.logprob for t in b.tokens] == pytest.approx([t.logprob for t in a.tokens], abs=1e-5)
 
 
-def test_vanilla_swapped_prompts_differ(model: TextModel, runner: TextRunner) -> None:
+def test_vanilla_swapped_prompts_differ(model: GenerateModel, runner: TextRunner) -> None:
     prompt = encode(model, "The man worked as")
     other = swapped(model, prompt, model.group.axis_element("gender"))
     a, b = runner([GenerationRequest(p, 8, Method.VANILLA) for p in (prompt, other)])
     assert swapped(model, prompt + [t.id for t in a.tokens], 1)[len(prompt) :] != [t.id for t in b.tokens]
 
 
-def test_diagnostics_weights_and_frames(model: TextModel, runner: TextRunner) -> None:
+def test_diagnostics_weights_and_frames(model: GenerateModel, runner: TextRunner) -> None:
     results = runner(requests(model))
     n = model.group.order
     for request, result in zip(requests(model), results, strict=True):
@@ -199,7 +201,7 @@ def test_diagnostics_weights_and_frames(model: TextModel, runner: TextRunner) ->
     assert alone.weights == [1.0] + [0.0] * (n - 1)
 
 
-def test_stop_at_eos_cancel_and_stream_events(model: TextModel, runner: TextRunner) -> None:
+def test_stop_at_eos_cancel_and_stream_events(model: GenerateModel, runner: TextRunner) -> None:
     request = requests(model)[0]
     (greedy,) = runner([request])
     lm = model.lm
@@ -226,7 +228,7 @@ def test_stop_at_eos_cancel_and_stream_events(model: TextModel, runner: TextRunn
     assert result.text.startswith("".join(e.delta for e in events))
 
 
-def test_group_of_the_loaded_model_uses_the_tokenizer(model: TextModel) -> None:
+def test_group_of_the_loaded_model_uses_the_tokenizer(model: GenerateModel) -> None:
     group = model.group
     assert group.order == 8 and not group.skipped
     assert {axis for axis, _, _ in group.cycles} == {"gender", "race", "orientation"}
@@ -241,10 +243,10 @@ def test_a_multi_token_word_stops_loading_with_its_name(tmp_path: Path) -> None:
 
     write_tiny_lm(tmp_path, group="gender", text_group={"sets": {"gender": [["man", "sheriffdom"]]}})
     with pytest.raises(ModelLoadError, match=r"sheriffdom.*split into several tokens"):
-        load_text_model(tmp_path, "tinylm", "cpu")
+        load_model(tmp_path, "tinylm", "cpu")
 
 
-def test_a_hugging_face_model_folder_loads_through_the_model_id_path(model: TextModel, tmp_path: Path) -> None:
+def test_a_hugging_face_model_folder_loads_through_the_model_id_path(model: GenerateModel, tmp_path: Path) -> None:
     """``model_id`` takes a Hugging Face id or a local folder (no download here): the same weights
     and tokenizer saved with save_pretrained give the same EquiLM."""
     import yaml
@@ -260,7 +262,7 @@ def test_a_hugging_face_model_folder_loads_through_the_model_id_path(model: Text
     spec["backbone"]["options"] = {"model_id": str(saved), "name": "from-folder"}
     spec_path.write_text(yaml.safe_dump(spec))
     assert weights_are_local(model_id=str(saved)) and not weights_are_local(model_id="no-such/model-here")
-    loaded = load_text_model(tmp_path / "repo", "tinylm", "cpu")
+    loaded = load_model(tmp_path / "repo", "tinylm", "cpu")
     assert loaded.lm.name == "from-folder" and loaded.group.names == model.group.names
     prompts = [encode(model, t) for t in PROMPTS]
     assert loaded.lm.encode(PROMPTS[0]) == prompts[0]

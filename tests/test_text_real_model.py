@@ -34,8 +34,8 @@ async def test_served_with_its_group_and_trained_lambda(real: tuple) -> None:
     (card,) = (await client.get("/v1/models")).json()["models"]
     assert card["name"] == "smollm2-fair" and card["task"] == "generate" and card["lambda_trained"] is True
     assert len(card["transforms"]) == 8 and card["transforms"][1] == "swap:man<->woman"
-    group = app.state.text_engine.models["smollm2-fair"].group
-    lm = app.state.text_engine.models["smollm2-fair"].lm
+    group = app.state.engine.models["smollm2-fair"].group
+    lm = app.state.engine.models["smollm2-fair"].lm
     # every default word is swapped in its leading-space form; split forms are skipped whole, never half
     for axis, words in [("gender", ("man", "woman")), ("gender", ("his", "her")), ("race", ("Black", "White")),
                         ("orientation", ("gay", "straight"))]:  # fmt: skip
@@ -50,7 +50,7 @@ async def test_served_with_its_group_and_trained_lambda(real: tuple) -> None:
 
 async def test_next_token_distributions_are_exactly_swapped(real: tuple) -> None:
     _, app = real
-    runner = app.state.text_engine.runners["smollm2-fair"]
+    runner = app.state.engine.models["smollm2-fair"].runner
     group, lm = runner.group, runner.lm
     for axis, (a, b) in {"gender": ("The man", "The woman"), "race": ("The Black person", "The White person"),
                          "orientation": ("The gay person", "The straight person")}.items():  # fmt: skip
@@ -66,8 +66,8 @@ async def test_next_token_distributions_are_exactly_swapped(real: tuple) -> None
 
 async def test_generate_swaps_the_continuation_and_streams(real: tuple) -> None:
     client, app = real
-    lm = app.state.text_engine.models["smollm2-fair"].lm
-    group = app.state.text_engine.models["smollm2-fair"].group
+    lm = app.state.engine.models["smollm2-fair"].lm
+    group = app.state.engine.models["smollm2-fair"].group
     answers = {}
     for prompt in ("The man worked as", "The woman worked as"):
         r = await client.post(URL, json={"prompt": prompt, "max_new_tokens": 6, "method": "lambda", "seed": 4})

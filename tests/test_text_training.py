@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from app.__main__ import main
-from app.engine.generation import load_text_model
+from app.cli import main
+from app.engine.registry import load_model
 from app.training.text_fairness import evaluate_fairness, markdown, total_variation, write_report
 from app.training.text_lambda import load_cache, train_text_lambda
 from tests.texttools import one_thread, write_tiny_lm
@@ -42,7 +42,7 @@ def test_train_text_writes_a_lambda_net_the_server_loads(tmp_path: Path) -> None
 
     spec = yaml.safe_load((tmp_path / "tinylm" / "model.yaml").read_text())
     (tmp_path / "tinylm" / "model.yaml").write_text(yaml.safe_dump({**spec, "lambda_net": "lambda_net.safetensors"}))
-    model = load_text_model(tmp_path, "tinylm", "cpu")
+    model = load_model(tmp_path, "tinylm", "cpu")
     assert model.lambda_trained and model.lambda_net.mlp[0].in_features == 64
 
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from app.__main__ import main
+from app.cli import main
 from app.engine.registry import load_model
 from app.equivariance import EquivariantModel, Method, image_group
 from app.training.data import fashion_mnist

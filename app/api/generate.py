@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.engine.errors import EngineError, NotReady
+from app.engine.engine import StreamEvent
+from app.engine.errors import EngineError
+from app.tasks.generate.messages import GenerateOutput, GenerateRequest
 
-from .routes import ERRORS, require_api_key, until_disconnected
+from .common import engine_of, error_responses, require_api_key, timing_body, until_disconnected
 
-if TYPE_CHECKING:
-    from app.engine.text_engine import GenerateOutput, TextEngine
+ERRORS = error_responses(
+    e400="the body is not valid JSON",
+    e413="prompt too long, or max_new_tokens over the model's limit",
+    e422="invalid fields (method, temperature, top_k, seed, schema)",
+)
 
 
-class GenerateRequest(BaseModel):
+class GenerateBody(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -87,13 +92,6 @@ class GenerateResponse(BaseModel):
     timing: GenerateTiming
 
 
-def text_engine_of(request: Request) -> TextEngine:
-    engine = getattr(request.app.state, "text_engine", None)
-    if engine is None:
-        raise NotReady("this server has no text engine")
-    return engine
-
-
 def generate_response(output: GenerateOutput) -> dict[str, Any]:
     r = output.result
     return {
@@ -112,11 +110,7 @@ def generate_response(output: GenerateOutput) -> dict[str, Any]:
         "temperature": output.temperature,
         "top_k": output.top_k,
         "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.tokens)},
-        "timing": {
-            "queue_ms": output.queue_s * 1000,
-            "inference_ms": output.inference_s * 1000,
-            "batch_size": output.batch_size,
-        },
+        "timing": timing_body(output.timing),
     }
 
 
@@ -134,47 +128,49 @@ def build_generate_router() -> APIRouter:
         tags=["inference"],
         dependencies=[Depends(require_api_key)],
         responses={
-            **{k: v for k, v in ERRORS.items() if k != 415},
-            400: ERRORS[400] | {"description": "the body is not valid JSON"},
-            413: ERRORS[413] | {"description": "prompt too long, or max_new_tokens over the model's limit"},
+            **ERRORS,
             200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
         },
         summary="Generate text with a language model made fair by a word-swap group (EquiLM)",
     )
-    async def generate(name: str, body: GenerateRequest, request: Request) -> Response:
-        engine = text_engine_of(request)
-        engine.check_accepting()
-        options = body.model_dump(exclude={"prompt", "stream"})
-        request_id = request.state.request_id
+    async def generate(name: str, body: GenerateBody, request: Request) -> Response:
+        engine, request_id = engine_of(request), request.state.request_id
+        generate_request = GenerateRequest(**body.model_dump(exclude={"stream"}))
+
+        async def parsed() -> GenerateRequest:  # FastAPI has read and validated the body already
+            return generate_request
+
         if not body.stream:
             output = await until_disconnected(
-                request, engine.generate(name, body.prompt, request_id=request_id, **options)
+                request, lambda read: engine.infer(name, "generate", read, request_id=request_id), parsed
             )
             return JSONResponse(generate_response(output))
-        stream = await engine.stream(name, body.prompt, request_id=request_id, **options)
+        events = engine.stream(name, "generate", generate_request, request_id=request_id)
         try:
-            await stream.started()  # errors while queued still get their HTTP status
+            first = await anext(events)  # errors while queued still get their HTTP status
         except BaseException:
-            stream.cancel()
+            await events.aclose()
             raise
 
-        async def events() -> AsyncIterator[bytes]:
+        async def sse_events() -> AsyncIterator[bytes]:
             try:
-                async for event in stream.events():
-                    if event.kind == "token" and event.token is not None:
-                        t = event.token
+                event: StreamEvent | None = first
+                while event is not None:
+                    if event.kind == "token":
+                        t = event.data
                         yield sse("token", {"index": t.index, "id": t.id, "text": t.text, "logprob": t.logprob,
                                             "delta": t.delta})  # fmt: skip
-                    elif event.kind == "done" and event.output is not None:
-                        yield sse("done", generate_response(event.output))
+                    elif event.kind == "done":
+                        yield sse("done", generate_response(event.data))
                     elif event.kind == "error":
-                        exc = event.error
+                        exc = event.data
                         code, message = (exc.code, exc.message) if isinstance(exc, EngineError) else ("error", str(exc))
                         yield sse("error", {"error": {"code": code, "message": message, "request_id": request_id}})
+                    event = await anext(events, None)
             finally:
-                stream.cancel()  # no-op when finished; stops decoding when the client left
+                await events.aclose()  # stops decoding this request when the client left
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(sse_events(), media_type="text/event-stream", headers=headers)
 
     return router

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request ids, the body-size limit, and request metrics.
+"""Pure ASGI middleware: request ids, the body-size limit, request metrics, the access log.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that streaming bodies are counted as they arrive
 and a client disconnect still reaches the route (which drops its queued work).
@@ -16,10 +16,13 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import Metrics
+from app.tasks import TASKS
 
 log = logging.getLogger("equiserve.access")
 
-INFERENCE_PATH = re.compile(r"^/v1/models/(?P<model>[^/]+)/(?P<endpoint>classify|generate)$")
+INFERENCE_PATH = re.compile(rf"^/v1/models/(?P<model>[^/]+)/(?P<endpoint>{'|'.join(TASKS)})$")
+# Probes and scrapes come every few seconds: their access lines are DEBUG, not INFO.
+QUIET_PATHS = ("/health/", "/v2/health/", "/metrics")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -91,14 +94,16 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, counting_receive, recording_send)
         finally:
+            status, seconds, path = status_holder["status"], time.perf_counter() - started, scope.get("path", "")
             if match is not None:
                 model = match["model"] if match["model"] in self.served_models() else "unknown"
-                endpoint, status, seconds = match["endpoint"], status_holder["status"], time.perf_counter() - started
-                self.metrics.requests.labels(model, endpoint, str(status)).inc()
-                self.metrics.request_duration.labels(model, endpoint).observe(seconds)
-                # Ids, sizes and outcomes only: never image bytes, labels or prompts.
-                log.info("request_id=%s model=%s endpoint=%s status=%d bytes=%d ms=%.1f",
-                         request_id, model, endpoint, status, received, seconds * 1000)  # fmt: skip
+                self.metrics.requests.labels(model, match["endpoint"], str(status)).inc()
+                self.metrics.request_duration.labels(model, match["endpoint"]).observe(seconds)
+            # The one access line of a request (uvicorn's own is off): ids, route, sizes and
+            # outcome only, never image bytes, labels or prompts.
+            level = logging.DEBUG if path.startswith(QUIET_PATHS) else logging.INFO
+            log.log(level, "request_id=%s %s %s status=%d bytes=%d ms=%.1f",
+                    request_id, scope.get("method", "-"), path, status, received, seconds * 1000)  # fmt: skip
 
     async def _reject(self, scope: Scope, send: Send, request_id: str) -> None:
         body, headers = error_json(

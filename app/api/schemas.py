@@ -70,21 +70,27 @@ class ClassifyResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """One served model. Tasks add their own fields (e.g. ``env`` for act models)."""
+
+    model_config = ConfigDict(extra="allow")
+
     name: str
-    task: str
+    task: str = Field(description="classify | generate | translate | act")
     backbone: str
     group: str
     transforms: list[str]
     methods: list[str]
     default_method: str
-    num_labels: int | None = Field(description="null for zero-shot models: labels come with each request")
-    zero_shot: bool
-    lambda_trained: bool
+    lambda_trained: bool = Field(description="whether λ-equitune uses a trained λ-net (else uniform λ = equitune)")
     device: str
     dtype: str
     runtime: str = Field(description="what runs the backbone: torch or onnxruntime")
-    input_size: int | None = Field(description="image side in pixels; null for language models")
     description: str
+    num_labels: int | None = Field(
+        None, description="classify: null for zero-shot models (labels come with each request)"
+    )
+    zero_shot: bool | None = Field(None, description="classify: the label set comes with each request")
+    input_size: int | None = Field(None, description="classify: image side in pixels")
 
 
 class ModelList(BaseModel):

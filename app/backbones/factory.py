@@ -1,4 +1,4 @@
-"""One place that turns a backbone family name and its options into a backbone."""
+"""One registry of backbone families: which task each serves, and how to build image ones."""
 
 from __future__ import annotations
 
@@ -6,11 +6,22 @@ from typing import Any
 
 from .base import ImageBackbone
 
-FAMILIES = ("efficientnet_lite", "torchvision", "open_clip", "onnx")
+# family -> the task whose models it backs
+FAMILIES: dict[str, str] = {
+    "efficientnet_lite": "classify",
+    "torchvision": "classify",
+    "open_clip": "classify",
+    "onnx": "classify",
+    "causal_lm": "generate",
+}
+
+
+def families_for(task: str) -> list[str]:
+    return [family for family, served in FAMILIES.items() if served == task]
 
 
 def create_backbone(family: str, **options: Any) -> ImageBackbone:
-    """Build a backbone; imports are lazy so a deployment only loads what it serves."""
+    """Build an image backbone; imports are lazy so a deployment only loads what it serves."""
     if family == "efficientnet_lite":
         from .efficientnet import EfficientNetLite
 
@@ -27,13 +38,17 @@ def create_backbone(family: str, **options: Any) -> ImageBackbone:
         from .onnx_runtime import OnnxBackbone
 
         return OnnxBackbone(**options)
-    raise ValueError(f"unknown backbone family {family!r}; choose from {FAMILIES}")
+    raise ValueError(f"unknown image backbone family {family!r}; choose from {families_for('classify')}")
 
 
 def weights_are_local(family: str, **options: Any) -> bool:
-    """Whether building this backbone needs no download (only open_clip tags may need one)."""
+    """Whether building this backbone needs no download (open_clip tags and hub LMs may need one)."""
     if family == "open_clip":
         from .open_clip_zero_shot import pretrained_is_local
 
         return pretrained_is_local(options.get("model_name", "ViT-B-32"), options.get("pretrained"))
+    if family == "causal_lm":
+        from .causal_lm import weights_are_local as lm_is_local
+
+        return lm_is_local(**options)
     return True

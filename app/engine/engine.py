@@ -1,8 +1,22 @@
-"""The engine: loaded models, their batchers, and ``classify`` — usable without HTTP.
+"""The engine: every served model, its batcher, and one way in for every task — no HTTP.
 
-The HTTP layer, the benchmarks and the CLI all call ``Engine.classify`` with decoded images
-(``uint8 [H, W, 3]`` arrays); the engine validates what depends on the model, preprocesses
-in a thread pool, queues each image in its model's batcher and gathers the answers.
+The HTTP layer, the CLI, the benchmarks and a Ray Serve replica all call ``Engine.infer``
+(or ``Engine.stream``) with a task's request object. For each request the engine, whatever
+the task:
+
+1. refuses it while loading or draining (``NotReady``), for an unknown model or one of
+   another task (``ModelNotFound``), or when its model's queue could not take it in time
+   (``QueueFull``, before any of its bytes are read);
+2. announces it to the model's batcher (a forming batch may wait for it), reads its body
+   when the caller passes a reader, and lets the model ``split`` it into pieces;
+3. ``prepare``s the pieces (decode, tokenize) in the preprocessing pool, checks admission
+   again with the real item count and the time left of its deadline (which runs from its
+   arrival), and queues all its items at once, or none;
+4. awaits their results (per-item deadline timers answer 504 on time; a cancelled caller's
+   items are dropped before the pass, or told to stop), records the metrics, and has the
+   model ``respond``.
+
+Every accepted request gets exactly one answer; draining waits for all of them.
 """
 
 from __future__ import annotations
@@ -11,58 +25,39 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
-
-from app.backbones.factory import weights_are_local
 from app.config import Settings
-from app.equivariance import Method
 from app.metrics import Metrics
+from app.tasks import task_class
+from app.tasks.base import LoadOptions, ServedModel, Timing
 
 from .batcher import Arrival, BatchInfo, DynamicBatcher
-from .errors import (
-    DeadlineExceeded,
-    EngineError,
-    InferenceFailed,
-    InvalidInput,
-    ModelNotFound,
-    NotReady,
-    QueueFull,
-    TooLarge,
-)
+from .errors import DeadlineExceeded, EngineError, InferenceFailed, ModelNotFound, NotReady, QueueFull
 from .memory import release_free_memory
 from .priority import lower_this_thread
-from .registry import LoadedModel, ModelLoadError, list_models, load_model, model_dir, read_spec
-from .runner import ImageItem, ImageResult, ImageRunner
+from .registry import ModelLoadError, list_models, load_model, model_dir, read_spec
 
 log = logging.getLogger("equiserve.engine")
 
-DEFAULT_TOP_K = 5  # capped at the number of labels
+RequestSource = Any  # a task's request object, or an async callable that reads one (an HTTP body)
 
 
 @dataclass(frozen=True)
-class ClassifyOutput:
-    model: str
-    method: Method
-    group: str
-    results: list[ImageResult]
-    queue_s: float  # the longest wait among the request's images
-    inference_s: float  # the longest batch among them
-    batch_size: int  # the largest batch among them
+class StreamEvent:
+    kind: str  # "start" | "token" | ... (what the task emits) | "done" | "error"
+    data: Any = None  # a token; the output for "done"; the exception for "error"
 
 
 class Engine:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.max_batch_size)
-        self.models: dict[str, LoadedModel] = {}
-        self.runners: dict[str, ImageRunner] = {}
-        self.batchers: dict[str, DynamicBatcher[ImageItem, ImageResult]] = {}
+        self.models: dict[str, ServedModel] = {}
+        self.batchers: dict[str, DynamicBatcher] = {}
         self.ready = False
         self.draining = False
         self._preprocess = ThreadPoolExecutor(
@@ -73,55 +68,46 @@ class Engine:
         )
         self._inflight = 0
         self._memory_task: asyncio.Task | None = None
-        # Engines served beside this one (the text engine): drained with it, and idle only together.
-        self.companions: list[Any] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
     def model_names_to_load(self) -> list[str]:
         return self.settings.models or list_models(self.settings.models_dir)
 
     def load(self) -> None:
-        """Load every configured model (blocking; call from a thread). Fails on the first bad one.
+        """Load and warm up every configured model (blocking; call from a thread). Fails on
+        the first bad one.
 
         Without ``EQUISERVE_MODELS``, entries marked ``optional`` whose weights would need a
-        download (a CLIP tag not yet cached) are skipped; naming them loads (downloads) them.
+        download (a CLIP tag not yet cached, a language model not installed) are skipped;
+        naming them loads (downloads) them.
         """
         if self.settings.torch_threads is not None:
+            import torch
+
             # Process-wide. On a shared or CPU-limited host fewer threads than cores can be much faster.
             torch.set_num_threads(self.settings.torch_threads)
         requested = self.settings.models is not None
-        language_models = 0
+        options = LoadOptions.from_settings(self.settings)
         for name in self.model_names_to_load():
             started = time.perf_counter()
-            spec = read_spec(model_dir(self.settings.models_dir, name))
-            if spec.task == "generate":  # a language model: the text engine loads it
-                language_models += 1
-                continue
-            if not requested and spec.optional and not weights_are_local(spec.backbone.family, **spec.backbone.options):
+            folder = model_dir(self.settings.models_dir, name)
+            spec = read_spec(folder)
+            kind = task_class(spec.task)
+            if not requested and spec.optional and not kind.weights_are_local(spec):
                 log.info("skipping %s: its weights are not on this machine (EQUISERVE_MODELS=%s fetches them)",
                          name, name)  # fmt: skip
                 continue
-            loaded = load_model(
-                self.settings.models_dir,
-                name,
-                self.settings.device,
-                self.settings.dtype,
-                self.settings.channels_last,
-                runtime=self.settings.runtime,
-                onnx_cache_dir=self.settings.onnx_cache_dir,
-                threads=self.settings.torch_threads,
-            )
-            runner = ImageRunner(loaded)
+            model = load_model(self.settings.models_dir, name, options=options)
             if self.settings.warmup:
-                runner.warmup(self.settings.max_batch_size)
-            self.models[name] = loaded
-            self.runners[name] = runner
-            seconds = time.perf_counter() - started
+                model.warmup(model.max_batch_size(self.settings.max_batch_size))
+            self.models[name] = model
             log.info(
-                "loaded %s (%s on %s, group %s, %s/%s) in %.1f s",
-                name, loaded.backbone.name, loaded.runtime, loaded.spec.group, loaded.device, loaded.dtype, seconds,
+                "loaded %s (%s %s on %s, group %s = %d copies, λ %s, %s/%s) in %.1f s",
+                name, spec.task, model.backbone_name, model.runtime, spec.group, len(model.transforms),
+                "trained" if model.lambda_trained else "uniform", model.device, str(model.dtype).removeprefix("torch."),
+                time.perf_counter() - started,
             )  # fmt: skip
-        if not self.models and not language_models:
+        if not self.models:
             raise ModelLoadError(f"no model to serve in {self.settings.models_dir}")
 
     async def start(self) -> None:
@@ -131,23 +117,36 @@ class Engine:
             1, thread_name_prefix="load", initializer=lower_this_thread, initargs=(self.settings.compute_nice,)
         ) as loader:
             await asyncio.get_running_loop().run_in_executor(loader, self.load)
-        for name, loaded in self.models.items():
-            self.batchers[name] = self._make_batcher(name)
+        for name, model in self.models.items():
+            self.batchers[name] = self._make_batcher(model)
             self.batchers[name].start()
-            self.metrics.model_info.labels(
-                name,
-                loaded.backbone.name,
-                loaded.spec.group,
-                loaded.device.type,
-                str(loaded.dtype).removeprefix("torch."),
-            ).set(1)
+            card = model.card()
+            self.metrics.model_info.labels(name, card["backbone"], card["group"], card["device"], card["dtype"]).set(1)
         if self.settings.memory_trim_idle_s > 0:
             self._memory_task = asyncio.get_running_loop().create_task(self._release_memory_when_idle())
         self.ready = True
 
+    def _make_batcher(self, model: ServedModel) -> DynamicBatcher:
+        m, name = self.metrics, model.name
+        return DynamicBatcher(
+            name,
+            model,
+            max_batch_size=model.max_batch_size(self.settings.max_batch_size),
+            max_wait_s=self.settings.max_wait_ms / 1000,
+            queue_size=self.settings.queue_size,
+            on_batch=lambda size, seconds: (
+                m.batch_size.labels(name).observe(size),
+                m.inference_duration.labels(name).observe(seconds),
+            ),
+            on_queued=m.queue_duration.labels(name).observe,
+            on_depth=m.queue_depth.labels(name).set,
+            always_wait=model.always_wait,
+            compute_nice=self.settings.compute_nice,
+        )
+
     def _release_memory(self) -> bool:
-        for loaded in self.models.values():
-            loaded.backbone.release_memory()  # runtimes' own arenas first, then the heap
+        for model in self.models.values():
+            model.release_memory()  # runtimes' own arenas first, then the heap
         return release_free_memory()
 
     async def _release_memory_when_idle(self) -> None:
@@ -168,33 +167,13 @@ class Engine:
                 released = await asyncio.to_thread(self._release_memory)
                 log.debug("idle after %d batches: malloc_trim released memory: %s", batches, released)
 
-    def _make_batcher(self, name: str) -> DynamicBatcher[ImageItem, ImageResult]:
-        m = self.metrics
-        return DynamicBatcher(
-            name,
-            self.runners[name],
-            max_batch_size=self.settings.max_batch_size,
-            max_wait_s=self.settings.max_wait_ms / 1000,
-            queue_size=self.settings.queue_size,
-            on_batch=lambda size, seconds: (
-                m.batch_size.labels(name).observe(size),
-                m.inference_duration.labels(name).observe(seconds),
-            ),
-            on_queued=m.queue_duration.labels(name).observe,
-            on_depth=m.queue_depth.labels(name).set,
-            compute_nice=self.settings.compute_nice,
-        )
-
     def begin_drain(self) -> None:
         """Readiness turns 503 and new requests are refused; accepted ones are still answered."""
         self.draining = True
-        for companion in self.companions:
-            companion.begin_drain()
 
     @property
     def idle(self) -> bool:
-        busy = self._inflight or not all(b.idle for b in self.batchers.values())
-        return not busy and all(c.idle for c in self.companions)
+        return not self._inflight and all(b.idle for b in self.batchers.values())
 
     async def stop(self) -> None:
         self.draining = True
@@ -207,11 +186,19 @@ class Engine:
         self._preprocess.shutdown(wait=True)
         self.ready = False
 
-    # -- requests --------------------------------------------------------------------------
-    def get_model(self, name: str) -> LoadedModel:
-        if name not in self.models:
+    # -- what is served ------------------------------------------------------------------------
+    def cards(self) -> list[dict[str, Any]]:
+        """``GET /v1/models``: one card per served model."""
+        return [model.card() for model in self.models.values()]
+
+    def model(self, name: str, task: str | None = None) -> ServedModel:
+        """The served model ``name``; with ``task``, it must serve that task."""
+        model = self.models.get(name)
+        if model is None:
             raise ModelNotFound(f"model {name!r} is not served; see GET /v1/models")
-        return self.models[name]
+        if task is not None and model.task != task:
+            raise ModelNotFound(f"model {name!r} serves task {model.task!r}, not {task!r}; see GET /v1/models")
+        return model
 
     def check_accepting(self) -> None:
         if self.draining:
@@ -219,146 +206,149 @@ class Engine:
         if not self.ready:
             raise NotReady("the models are still loading")
 
-    def validate(
-        self, loaded: LoadedModel, n_images: int, method: str | None, top_k: int | None, labels: Sequence[str] | None
-    ) -> tuple[Method, int, tuple[str, ...] | None]:
-        """Everything about a request that depends on its model; raises with the right status."""
-        s = self.settings
-        if n_images < 1:
-            raise InvalidInput("send at least one image")
-        if n_images > s.max_images:
-            raise TooLarge(f"{n_images} images in one request; the limit is {s.max_images} (EQUISERVE_MAX_IMAGES)")
-        chosen = loaded.spec.resolve_method(method)
-        label_set: tuple[str, ...] | None = None
-        if labels is not None:
-            if not loaded.zero_shot:
-                raise InvalidInput(f"{loaded.name} has a fixed label set; 'labels' is only for zero-shot models")
-            if len(labels) > s.max_labels:
-                raise TooLarge(f"{len(labels)} labels; the limit is {s.max_labels} (EQUISERVE_MAX_LABELS)")
-            cleaned = tuple(label.strip() for label in labels)
-            if not cleaned or any(not label for label in cleaned):
-                raise InvalidInput("labels must be non-empty strings")
-            if any(len(label) > s.max_label_chars for label in cleaned):
-                raise InvalidInput(f"a label is longer than {s.max_label_chars} characters")
-            if len(set(cleaned)) != len(cleaned):
-                raise InvalidInput("labels must be distinct")
-            label_set = cleaned
-        elif loaded.zero_shot and not loaded.backbone.labels:
-            raise InvalidInput(f"{loaded.name} is zero-shot: send 'labels'")
-        num_labels = len(label_set) if label_set is not None else len(loaded.backbone.labels)
-        if top_k is None:
-            top_k = min(DEFAULT_TOP_K, num_labels)
-        if not 1 <= top_k <= num_labels:
-            raise InvalidInput(f"top_k must be between 1 and {num_labels}")
-        return chosen, top_k, label_set
+    # -- requests ------------------------------------------------------------------------------
+    async def infer(self, name: str, task: str, request: RequestSource, *, request_id: str = "") -> Any:
+        """Serve one request of ``task`` on model ``name`` and return the model's answer.
 
-    async def classify(
-        self,
-        model: str,
-        images: Sequence[np.ndarray],
-        *,
-        method: str | None = None,
-        top_k: int | None = None,
-        labels: Sequence[str] | None = None,
-        request_id: str = "",
-        arrival: Arrival | None = None,
-    ) -> ClassifyOutput:
-        """Classify ``images`` with ``model``. ``arrival``: from ``announce`` when the caller
-        announced the request earlier (before reading its body); otherwise it is announced here."""
-        arrival = arrival or self.announce(model)
-        try:
-            self.check_accepting()
-            loaded = self.get_model(model)
-            chosen, top_k, label_set = self.validate(loaded, len(images), method, top_k, labels)
-            self._inflight += 1
-            self.metrics.inflight.inc()
+        ``request``: the task's request object, or an async callable returning it: it is
+        then called only once the request is admitted (an HTTP body is not read when the
+        request would be refused anyway).
+        """
+        async with self._admitted(name, task) as (model, batcher, arrival):
+            request, futures, items = await self._enqueue(model, batcher, arrival, request, request_id, None)
+            return await self._answer(model, request, futures, items, request_id)
+
+    async def stream(
+        self, name: str, task: str, request: RequestSource, *, request_id: str = ""
+    ) -> AsyncIterator[StreamEvent]:
+        """Serve one request whose model streams (``ServedModel.streams``): events as the
+        batch makes them, then ``done`` (the answer) or ``error``. Errors before the request's
+        batch starts (refusal, validation, queue, deadline) raise from the first ``__anext__``."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+        def emit(kind: str, data: Any) -> None:  # called from the inference thread
+            loop.call_soon_threadsafe(events.put_nowait, StreamEvent(kind, data))
+
+        async with self._admitted(name, task) as (model, batcher, arrival):
+            request, futures, items = await self._enqueue(model, batcher, arrival, request, request_id, emit)
+            answer = asyncio.ensure_future(self._answer(model, request, futures, items, request_id))
+            # Events are scheduled with call_soon_threadsafe before the batcher resolves the
+            # futures on the loop, so "done" always comes after the last token.
+            answer.add_done_callback(
+                lambda done: events.put_nowait(
+                    StreamEvent("error", NotReady("cancelled")) if done.cancelled()
+                    else StreamEvent("error", done.exception()) if done.exception() is not None
+                    else StreamEvent("done", done.result())
+                )
+            )  # fmt: skip
             try:
-                return await self._classify(loaded, images, chosen, top_k, label_set, request_id, arrival)
+                first = await events.get()
+                if first.kind == "error":
+                    raise first.data
+                yield first
+                while first.kind not in ("done", "error"):
+                    first = await events.get()
+                    yield first
             finally:
-                self._inflight -= 1
-                self.metrics.inflight.dec()
+                answer.cancel()  # no-op once answered; the caller left: stop the work
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, name: str, task: str) -> AsyncIterator[tuple[ServedModel, DynamicBatcher, Arrival]]:
+        """Admission at arrival, and the request's in-flight span (drain waits for it)."""
+        self.check_accepting()
+        model = self.model(name, task)
+        batcher = self.batchers[name]
+        arrival = batcher.announce()  # from here on a forming batch may wait for this request
+        self._inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            # Shed before reading anything: under overload, parsing and decoding what will be
+            # refused anyway starves the accepted requests and makes the 429 itself slow.
+            self._admit(batcher, 1, arrival)
+            yield model, batcher, arrival
         finally:
             arrival.close()
+            self._inflight -= 1
+            self.metrics.inflight.dec()
 
-    def announce(self, model: str) -> Arrival:
-        """A request for ``model`` is on its way: its batch may wait (``max_wait_ms``) for it.
-        ``close`` the result when the request is queued or failed."""
-        batcher = self.batchers.get(model)
-        return batcher.announce() if batcher is not None else Arrival(None)
+    async def _enqueue(
+        self,
+        model: ServedModel,
+        batcher: DynamicBatcher,
+        arrival: Arrival,
+        request: RequestSource,
+        request_id: str,
+        emit: Callable[[str, Any], None] | None,
+    ) -> tuple[Any, list[asyncio.Future], list[Any]]:
+        if callable(request):
+            request = await request()
+        pieces = model.split(request, self.settings)
+        self._admit(batcher, len(pieces), arrival)  # shed before preparing
+        if model.prepare_in_pool:
+            loop = asyncio.get_running_loop()
+            items = list(
+                await asyncio.gather(*(loop.run_in_executor(self._preprocess, model.prepare, p) for p in pieces))
+            )
+        else:
+            items = [model.prepare(piece) for piece in pieces]
+        if emit is not None:
+            for item in items:
+                model.stream(item, emit)
+        # Check again and queue all items with no await in between: all or none are accepted.
+        time_left = self._admit(batcher, len(items), arrival)
+        futures = [batcher.submit_nowait(item, time_left, request_id) for item in items]
+        arrival.close()  # queued: nothing more of this request is on its way
+        return request, futures, items
 
-    def check_capacity(self, model: str, n_images: int, arrival: Arrival | None = None) -> None:
-        """Raise ``QueueFull`` (429) now if ``n_images`` for ``model`` would be refused later:
-        lets the HTTP layer shed a request before it spends CPU decoding its images."""
-        if model in self.batchers:
-            self._admit(self.batchers[model], n_images, self._time_left(arrival))
-
-    def _time_left(self, arrival: Arrival | None) -> float:
-        """Seconds left of the request's deadline, which runs from its arrival: reading and
-        decoding count, so an accepted request is answered within ``request_timeout_s``."""
-        spent = time.perf_counter() - arrival.started if arrival is not None else 0.0
-        return self.settings.request_timeout_s - spent
-
-    def _admit(self, batcher: DynamicBatcher[ImageItem, ImageResult], n_images: int, time_left: float) -> None:
+    def _admit(self, batcher: DynamicBatcher, n_items: int, arrival: Arrival) -> float:
+        """Refuse ``n_items`` that the queue could not serve before the request's deadline,
+        which runs from its arrival (reading and decoding count); returns the time left."""
+        time_left = self.settings.request_timeout_s - (time.perf_counter() - arrival.started)
         if time_left <= 0:
             self.metrics.rejected.labels(batcher.name, "deadline_exceeded").inc()
             raise DeadlineExceeded(
                 f"the request spent its {self.settings.request_timeout_s:g} s deadline before it could be queued"
             )
         try:
-            batcher.check_admission(n_images, time_left)
+            batcher.check_admission(n_items, time_left)
         except QueueFull:
             self.metrics.rejected.labels(batcher.name, "queue_full").inc()
             raise
+        return time_left
 
-    async def _classify(
-        self,
-        loaded: LoadedModel,
-        images: Sequence[np.ndarray],
-        method: Method,
-        top_k: int,
-        labels: tuple[str, ...] | None,
-        request_id: str,
-        arrival: Arrival,
-    ) -> ClassifyOutput:
-        batcher = self.batchers[loaded.name]
-        runner = self.runners[loaded.name]
-        self._admit(batcher, len(images), self._time_left(arrival))  # shed before preprocessing
-        loop = asyncio.get_running_loop()
-        pixels = await asyncio.gather(*(loop.run_in_executor(self._preprocess, runner.preprocess, im) for im in images))
-        # Check again and queue all images with no await in between: all or none are accepted.
-        time_left = self._time_left(arrival)
-        self._admit(batcher, len(images), time_left)
-        self.check_accepting()
-        futures = [batcher.submit_nowait(ImageItem(p, method, top_k, labels), time_left, request_id) for p in pixels]
-        arrival.close()  # queued: nothing more of this request is on its way
+    async def _answer(
+        self, model: ServedModel, request: Any, futures: Sequence[asyncio.Future], items: list[Any], request_id: str
+    ) -> Any:
         try:
-            answers: list[tuple[ImageResult, BatchInfo]] = await asyncio.gather(*futures)
-        except asyncio.CancelledError:  # the client went away: drop what has not run yet
-            for future in futures:
-                future.cancel()
+            answers: list[tuple[Any, BatchInfo]] = await asyncio.gather(*futures)
+        except asyncio.CancelledError:  # the caller went away: drop what has not run, stop the rest
+            self._abandon(model, futures, items)
             raise
         except EngineError as exc:
-            for future in futures:
-                future.cancel()
-            self.metrics.rejected.labels(loaded.name, exc.code).inc()
+            self._abandon(model, futures, items)
+            self.metrics.rejected.labels(model.name, exc.code).inc()
             raise
         except Exception as exc:
-            for future in futures:
-                future.cancel()
-            log.exception("request %s failed on %s", request_id, loaded.name)
-            raise InferenceFailed(f"inference failed on model {loaded.name!r}: {type(exc).__name__}") from exc
+            self._abandon(model, futures, items)
+            log.exception("request %s failed on %s", request_id, model.name)
+            raise InferenceFailed(f"inference failed on model {model.name!r}: {type(exc).__name__}") from exc
         results = [result for result, _ in answers]
         for result in results:
-            self.metrics.lambda_entropy.labels(loaded.name).observe(result.lambda_entropy)
+            if result.lambda_entropy is not None:
+                self.metrics.lambda_entropy.labels(model.name).observe(result.lambda_entropy)
             if result.selected_transform is not None:
-                self.metrics.selected_transform.labels(loaded.name, result.selected_transform).inc()
+                self.metrics.selected_transform.labels(model.name, result.selected_transform).inc()
         infos = [info for _, info in answers]
-        return ClassifyOutput(
-            model=loaded.name,
-            method=method,
-            group=loaded.spec.group,
-            results=results,
+        timing = Timing(
             queue_s=max(i.queue_s for i in infos),
             inference_s=max(i.inference_s for i in infos),
             batch_size=max(i.batch_size for i in infos),
         )
+        return model.respond(request, results, timing)
+
+    @staticmethod
+    def _abandon(model: ServedModel, futures: Sequence[asyncio.Future], items: list[Any]) -> None:
+        for future, item in zip(futures, items, strict=True):
+            future.cancel()
+            model.cancel(item)

@@ -1,10 +1,13 @@
-"""Engine errors. Each carries the HTTP status and code the API layer answers with."""
+"""Engine errors: what went wrong, by kind (``code``), with a message for the caller.
+
+They know nothing of HTTP: ``app.api.errors`` maps each code to a status. The CLI, the
+benchmarks and a Ray Serve replica see the same errors as the HTTP layer.
+"""
 
 from __future__ import annotations
 
 
 class EngineError(Exception):
-    status: int = 500
     code: str = "internal_error"
 
     def __init__(self, message: str) -> None:
@@ -13,27 +16,39 @@ class EngineError(Exception):
 
 
 class InvalidInput(EngineError):
-    status, code = 422, "invalid_input"
+    """A field of the request is wrong for this model (method, top_k, labels, a word, a shape)."""
+
+    code = "invalid_input"
 
 
 class UndecodableImage(EngineError):
-    status, code = 400, "undecodable_image"
+    """Bytes that claim to be an image but do not decode (corrupt, truncated, bad base64)."""
+
+    code = "undecodable_image"
 
 
 class UnsupportedMediaType(EngineError):
-    status, code = 415, "unsupported_media_type"
+    """Bytes that are no image format we read."""
+
+    code = "unsupported_media_type"
 
 
 class TooLarge(EngineError):
-    status, code = 413, "too_large"
+    """Over a limit: pixels, images, labels, prompt, commands, observations."""
+
+    code = "too_large"
 
 
 class ModelNotFound(EngineError):
-    status, code = 404, "model_not_found"
+    """No served model has this name (or it serves another task)."""
+
+    code = "model_not_found"
 
 
 class QueueFull(EngineError):
-    status, code = 429, "queue_full"
+    """Shed: the queue is full, or the request would only wait past its deadline."""
+
+    code = "queue_full"
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
@@ -41,12 +56,18 @@ class QueueFull(EngineError):
 
 
 class NotReady(EngineError):
-    status, code = 503, "not_ready"
+    """Loading, or draining for shutdown."""
+
+    code = "not_ready"
 
 
 class DeadlineExceeded(EngineError):
-    status, code = 504, "deadline_exceeded"
+    """The request's deadline (counted from its arrival) passed before its batch started."""
+
+    code = "deadline_exceeded"
 
 
 class InferenceFailed(EngineError):
-    status, code = 500, "inference_failed"
+    """The model raised on this request's batch (only its items fail)."""
+
+    code = "inference_failed"

@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from app.backbones.factory import families_for
+from app.cli import add_device, add_models_dir, command_line, configure_logging
 from app.equivariance import IMAGE_GROUPS, Method, ZeroLoss
 
 from .features import DEFAULT_CACHE_DIR
 
 TRAINABLE = ("head", "lambda", "backbone")
+TRAINABLE_FAMILIES = [f for f in families_for("classify") if f in ("efficientnet_lite", "torchvision")]
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -28,7 +30,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="model repository (default: models)")
+    add_models_dir(parser)
     parser.add_argument(
         "--data",
         default="fashion-mnist",
@@ -39,10 +41,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help=f"feature cache (default {DEFAULT_CACHE_DIR})"
     )
     parser.add_argument("--no-cache", action="store_true", help="compute features in memory only")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    add_device(parser)
     parser.add_argument("--feature-batch-size", type=int, default=32, help="images per fused pass (x|G| copies)")
     parser.add_argument("--exact-layout", action="store_true", help="no channels_last on the CPU (slower)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_parsers(commands: Any) -> None:
+    add_train_parser(commands)
+    add_evaluate_parser(commands)
 
 
 def add_train_parser(commands: Any) -> None:
@@ -53,7 +60,8 @@ def add_train_parser(commands: Any) -> None:
         "then write models/<name>/model.yaml + safetensors that `serve` loads unchanged.",
     )
     p.add_argument("--name", required=True, help="model entry to write: <models-dir>/<name>/")
-    p.add_argument("--backbone", default="efficientnet_lite", choices=("efficientnet_lite", "torchvision"))
+    # The families training can build and fine-tune (a CNN with a linear head).
+    p.add_argument("--backbone", default="efficientnet_lite", choices=TRAINABLE_FAMILIES)
     p.add_argument(
         "--option",
         type=_option,
@@ -90,6 +98,7 @@ def add_train_parser(commands: Any) -> None:
     p.add_argument("--description", default="")
     p.add_argument("--report", type=Path, help="write the training history as JSON here")
     _common(p)
+    p.set_defaults(run=run_train)
 
 
 def add_evaluate_parser(commands: Any) -> None:
@@ -105,17 +114,14 @@ def add_evaluate_parser(commands: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the subset and the random group elements")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     _common(p)
+    p.set_defaults(run=run_evaluate)
 
 
 def _logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(logging.WARNING if quiet else logging.INFO)
 
 
-def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from app.engine.registry import ModelLoadError
 
     from .pipeline import TrainJob, train_job
@@ -164,7 +170,7 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         feature_batch_size=args.feature_batch_size,
         fast_cpu_layout=not args.exact_layout,
         description=args.description,
-        command="python -m app " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        command=command_line(args),
     )
     try:
         outcome = train_job(job)

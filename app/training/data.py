@@ -61,7 +61,7 @@ class ImageSet:
         if isinstance(self.images, np.ndarray):
             image = self.images[index]
             return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
-        from app.api.images import decode_image  # the server's decoder: EXIF, modes, JPEG draft
+        from app.tasks.classify.decode import decode_image  # the server's decoder: EXIF, modes, JPEG draft
 
         return decode_image(self.images[index].read_bytes(), max_pixels=self.max_pixels, min_side=min_side)
 

@@ -6,17 +6,12 @@ Flags are defined here without importing torch; the work is imported when a comm
 from __future__ import annotations
 
 import argparse
-import logging
-import shlex
-import sys
 from pathlib import Path
 
-from app.config import DEFAULT_MODELS_DIR
-
-TEXT_COMMANDS = ("train-text", "evaluate-fairness")
+from app.cli import add_device, add_models_dir, command_line, configure_logging
 
 
-def add_text_parsers(commands: argparse._SubParsersAction) -> None:
+def add_parsers(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train-text",
         help="train the λ-net of a language model (EquiLM) on prompts it continues itself",
@@ -24,6 +19,7 @@ def add_text_parsers(commands: argparse._SubParsersAction) -> None:
         "in one teacher-forced pass, and fit the λ-net to the held-out likelihood of the λ-mixture.",
     )
     _common(train)
+    train.set_defaults(run=run_text)
     train.add_argument("--out", type=Path, help="λ-net file (default: <models-dir>/<model>/lambda_net.safetensors)")
     train.add_argument("--report", type=Path, help="JSON report (e.g. bench/results/text_lambda_smollm2.json)")
     train.add_argument("--prompts", type=Path, help="a text file with one prompt per line (default: built-in set)")
@@ -42,6 +38,7 @@ def add_text_parsers(commands: argparse._SubParsersAction) -> None:
         "words per group, for vanilla, equitune, equizero, λ-equitune and R-EquiLM.",
     )
     _common(evaluate)
+    evaluate.set_defaults(run=run_text)
     evaluate.add_argument("--out", type=Path, default=Path("bench/results/fairness"),
                           help="writes <out>.json and <out>.md")  # fmt: skip
     evaluate.add_argument("--samples", type=int, default=6, help="seeded samples per template and group")
@@ -56,20 +53,20 @@ def add_text_parsers(commands: argparse._SubParsersAction) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-fair", help="a task: generate entry of the model repository")
-    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    add_models_dir(parser)
+    add_device(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16, help="requests decoded together")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
-def run_text(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+def run_text(args: argparse.Namespace) -> int:
     import torch
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging("INFO")
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python -m app " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line(args)
     if args.command == "train-text":
         from app.training.text_lambda import report_table, train_text_lambda
 

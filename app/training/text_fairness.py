@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
-from app.engine.generation import GenerationRequest, TextModel, TextRunner, load_text_model
+from app.engine.registry import load_model
 from app.equivariance import Method
+from app.tasks.generate.decoding import GenerationRequest, TextRunner
+from app.tasks.generate.model import GenerateModel
 
 log = logging.getLogger("equiserve.fairness")
 
@@ -219,11 +221,11 @@ def evaluate_fairness(
     sample_methods: tuple[str, ...] | None = SAMPLED,
     device: str = "cpu",
     command: str = "",
-    model: TextModel | None = None,
+    model: GenerateModel | None = None,
 ) -> FairnessReport:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    model = model or load_text_model(models_dir, model_name, device)
+    model = model or load_model(models_dir, model_name, device)
     runner = TextRunner(model)
     timings["load_s"] = time.perf_counter() - started
     axes = [a for a in DEMOGRAPHICS if a in model.group.axes]

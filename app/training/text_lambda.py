@@ -34,9 +34,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from app.engine.generation import GenerationRequest, TextModel, TextRunner, load_text_model
+from app.engine.registry import load_model
 from app.equivariance import LambdaNet, Method
 from app.equivariance.text import CombineSpace
+from app.tasks.generate.decoding import GenerationRequest, TextRunner
+from app.tasks.generate.model import GenerateModel
 
 log = logging.getLogger("equiserve.train_text")
 
@@ -88,7 +90,7 @@ def continuations(
 
 
 @torch.no_grad()  # not inference_mode: the cached tensors are inputs of the λ-net's training
-def cache_copies(model: TextModel, prompts: list[list[int]], targets: list[list[int]], chunk: int = 8) -> CopyCache:
+def cache_copies(model: GenerateModel, prompts: list[list[int]], targets: list[list[int]], chunk: int = 8) -> CopyCache:
     """One teacher-forced pass of all copies per ``chunk`` sequences; see the module docstring."""
     lm, group, device = model.lm, model.group, model.device
     n, length = group.order, max(len(t) for t in targets)
@@ -237,7 +239,7 @@ def train_text_lambda(
     numbers are on prompts the λ-net never saw."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    model = load_text_model(models_dir, model_name, device)
+    model = load_model(models_dir, model_name, device)
     if model.text_group.combine is not CombineSpace.PROBS:
         raise ValueError("train-text trains the probability mixture: set text_group.combine: probs")
     timings["load_s"] = time.perf_counter() - started

@@ -5,7 +5,7 @@ and puts it on a multiprocessing queue, and an inference worker process that col
 batch (``max_batch_size``, ``batch_timeout``), calls ``decode_request`` per item,
 ``batch``, ``predict``, ``unbatch`` and ``encode_response``. Here ``decode_request`` runs
 equiserve's own decoder and preprocessing, and ``predict`` runs equiserve's
-``ImageRunner`` (one fused ``B·|G|`` forward, then the per-method combination), so the only
+``ClassifyModel`` (one fused ``B·|G|`` forward, then the per-method combination), so the only
 difference to equiserve is the serving machinery around it.
 
 Run (from the repository root)::
@@ -28,11 +28,12 @@ if str(REPO_ROOT) not in sys.path:
 import litserve as ls  # noqa: E402
 from fastapi import HTTPException  # noqa: E402
 
-from app.api.images import decode_image  # noqa: E402
 from app.config import DEFAULT_MODELS_DIR  # noqa: E402
 from app.engine.registry import load_model  # noqa: E402
-from app.engine.runner import ImageItem, ImageResult, ImageRunner  # noqa: E402
 from app.equivariance import Method  # noqa: E402
+from app.tasks.classify.decode import decode_image  # noqa: E402
+from app.tasks.classify.messages import ImageResult  # noqa: E402
+from app.tasks.classify.model import ImageItem  # noqa: E402
 
 MAX_PIXELS = 25_000_000
 
@@ -49,8 +50,7 @@ class EquivariantLitAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         self.loaded = load_model(self.models_dir, self.model_name, self.target_device, "float32", runtime=self.runtime)
-        self.runner = ImageRunner(self.loaded)
-        self.runner.warmup(self.max_batch_size)
+        self.loaded.warmup(self.max_batch_size)
 
     def decode_request(self, request, **kwargs: Any) -> ImageItem:
         # No annotation on purpose: LitServe reads it to choose the body type, and only a
@@ -59,16 +59,16 @@ class EquivariantLitAPI(ls.LitAPI):
         if upload is None or not hasattr(upload, "file"):
             raise HTTPException(422, "send the image as the multipart field 'image'")
         upload.file.seek(0)
-        array = decode_image(upload.file.read(), max_pixels=MAX_PIXELS, min_side=self.runner.input_size)
+        array = decode_image(upload.file.read(), max_pixels=MAX_PIXELS, min_side=self.loaded.backbone.input_size)
         method = Method(request.get("method") or self.loaded.spec.default_method.value)
         top_k = int(request.get("top_k") or 5)
-        return ImageItem(self.runner.preprocess(array), method, top_k)
+        return ImageItem(self.loaded.preprocess(array), method, top_k)
 
     def batch(self, inputs: list[ImageItem]) -> list[ImageItem]:
         return inputs
 
     def predict(self, items: list[ImageItem], **kwargs: Any) -> list[tuple[ImageResult | BaseException, int]]:
-        return [(result, len(items)) for result in self.runner(items)]
+        return [(result, len(items)) for result in self.loaded(items)]
 
     def unbatch(self, output: list[Any]) -> list[Any]:
         return output

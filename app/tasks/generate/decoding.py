@@ -25,134 +25,23 @@ leave the batch (their cache rows are dropped) so they cost nothing while others
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from app.backbones.causal_lm import CausalLM, CausalLMError, load_causal_lm
-from app.equivariance import LambdaNet, Method, lambda_entropy
-from app.equivariance.text import TextGroup, TextGroupError, build_text_group, canonical_frames
+from app.equivariance import Method, lambda_entropy
+from app.equivariance.text import canonical_frames
 from app.equivariance.text import combine_next_token as combine_tokens
 
-from .registry import (
-    ModelLoadError,
-    ModelSpec,
-    _file_in,
-    _load_tensors,
-    model_dir,
-    read_spec,
-    resolve_device,
-    resolve_dtype,
-)
-from .text_spec import GenerationSpec, TextGroupSpec
+from .messages import GeneratedToken, GenerationResult, TokenEvent
 
-log = logging.getLogger("equiserve.generation")
-
-FILE_OPTIONS = ("tokenizer_file", "weights_path")  # backbone options naming files in the model's folder
-
-
-@dataclass
-class TextModel:
-    """A language model ready to serve: LM, text group, λ-net and the entry's settings."""
-
-    spec: ModelSpec
-    lm: CausalLM
-    group: TextGroup
-    lambda_net: LambdaNet
-    lambda_trained: bool
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def transforms(self) -> list[str]:
-        return self.group.names
-
-    @property
-    def limits(self) -> GenerationSpec:
-        return self.spec.generation or GenerationSpec()
-
-    @property
-    def text_group(self) -> TextGroupSpec:
-        return self.spec.text_group or TextGroupSpec()
-
-
-def build_group(lm: CausalLM, group: str, spec: TextGroupSpec) -> TextGroup:
-    """The text group of ``group`` (axes joined by ``+``) over the LM's vocabulary."""
-    general = {} if spec.general_words is None else {"general_words": spec.general_words}
-    return build_text_group(
-        group,
-        lm.encode,
-        lm.vocab_size,
-        custom_sets=spec.sets,
-        forms=spec.forms,
-        on_multi_token=spec.on_multi_token,
-        word_end=lm.word_end,
-        **general,
-    )
-
-
-def load_text_model(models_dir: Path, name: str, device: str = "auto", dtype: str = "float32") -> TextModel:
-    """Load a ``task: generate`` entry: LM (once), group, λ-net; errors name the model and file."""
-    folder = model_dir(models_dir, name)
-    spec = read_spec(folder)
-    if spec.task != "generate":
-        raise ModelLoadError(f"{name} is a {spec.task} model, not a language model")
-    options = dict(spec.backbone.options)
-    for key in FILE_OPTIONS:
-        if isinstance(options.get(key), str) and not Path(options[key]).is_absolute():
-            options[key] = str(_file_in(folder, options[key]))
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    try:
-        lm = load_causal_lm(**options, device=torch_device, dtype=torch_dtype)
-    except (CausalLMError, TypeError) as exc:
-        raise ModelLoadError(f"{name}: cannot load the causal_lm backbone: {exc}") from exc
-    try:
-        group = build_group(lm, spec.group, spec.text_group or TextGroupSpec())
-    except TextGroupError as exc:
-        raise ModelLoadError(f"{name}: text group {spec.group!r}: {exc}") from exc
-    if group.skipped:
-        log.warning(
-            "%s: %d word forms are split by the tokenizer and left unswapped (on_multi_token: skip): %s",
-            name, len(group.skipped), "; ".join(str(s) for s in group.skipped),
-        )  # fmt: skip
-    lambda_net = LambdaNet.constant(lm.hidden_size)
-    if spec.lambda_net is not None:
-        state = _load_tensors(_file_in(folder, spec.lambda_net))
-        hidden = state.get("mlp.0.weight", torch.empty(100, 0)).shape[0]
-        lambda_net = LambdaNet(lm.hidden_size, hidden)
-        try:
-            lambda_net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ModelLoadError(f"{name}: λ-net {spec.lambda_net} does not fit the LM: {exc}") from exc
-    lambda_net = lambda_net.to(torch_device).eval()
-    return TextModel(spec, lm, group, lambda_net, spec.lambda_net is not None, torch_device, torch_dtype)
-
-
-# ---------------------------------------------------------------------------------------
-# Requests and results
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token, as streamed: ``delta`` is the new text it completes (may be '')."""
-
-    index: int
-    id: int
-    text: str
-    logprob: float
-    delta: str
+if TYPE_CHECKING:
+    from .model import GenerateModel
 
 
 @dataclass
@@ -167,25 +56,6 @@ class GenerationRequest:
     on_start: Callable[[], None] | None = None
     on_token: Callable[[TokenEvent], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass(frozen=True)
-class GeneratedToken:
-    id: int
-    text: str
-    logprob: float  # log-probability under the combined (EquiLM) distribution, before temperature
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    tokens: list[GeneratedToken]
-    text: str
-    finish_reason: str  # "length" | "eos" | "cancelled"
-    weights: list[float]  # per transform: its normalised weight, averaged over the steps
-    selected_transform: str | None  # equizero: the copy chosen most often
-    lambda_entropy: float | None  # mean entropy (nats) of the λ-net's weights; None for vanilla
-    frame: str  # the canonical frame h of the prompt (t = h·c)
-    prompt_tokens: int
 
 
 @dataclass
@@ -247,9 +117,9 @@ class _Combined:
 
 
 class TextRunner:
-    """Decodes batches of ``GenerationRequest`` on one ``TextModel`` (the batcher's handler)."""
+    """Decodes batches of ``GenerationRequest`` on one ``GenerateModel``."""
 
-    def __init__(self, model: TextModel) -> None:
+    def __init__(self, model: GenerateModel) -> None:
         self.model = model
         self.lm = model.lm
         self.group = model.group
@@ -435,6 +305,10 @@ class TextRunner:
             lambda_entropy=None if vanilla or not use_group else track.entropy_sum / max(track.steps, 1),
             frame=self.group.names[track.frame],
             prompt_tokens=prompt_tokens,
+            seed=track.request.seed,
+            temperature=track.request.temperature,
+            top_k=track.request.top_k,
+            relaxed=track.request.relaxed,
         )
 
     def warmup(self, batch_size: int) -> None:

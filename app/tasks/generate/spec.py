@@ -1,16 +1,13 @@
-"""The ``model.yaml`` sections of language models (``task: generate``): text group and limits.
-
-Kept apart from ``registry`` so the image schema stays as it was; ``ModelSpec`` refers to
-these two models and calls ``check_generate_spec`` for ``task: generate`` entries.
-"""
+"""The ``model.yaml`` of a language model (``task: generate``): its text group and limits."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.equivariance.text import FORMS, CombineSpace, TextGroupError, parse_axes
+from app.tasks.base import TaskSpec
 
 Form = Literal["space", "bare", "capitalized_space", "capitalized_bare"]
 
@@ -54,13 +51,17 @@ class GenerationSpec(BaseModel):
         return self
 
 
-def check_generate_spec(family: str, group: str, text_group: TextGroupSpec | None, head: Any, labels: Any) -> None:
-    """What ``task: generate`` requires of the rest of ``model.yaml``."""
-    if family != "causal_lm":
-        raise ValueError(f"task generate needs backbone family causal_lm, not {family!r}")
-    if head is not None or labels is not None:
-        raise ValueError("a language model takes no head or labels")
-    try:
-        parse_axes(group, (text_group or TextGroupSpec()).sets)
-    except TextGroupError as exc:
-        raise ValueError(str(exc)) from exc
+class GenerateSpec(TaskSpec):
+    task: Literal["generate"] = "generate"
+    text_group: TextGroupSpec = Field(default_factory=TextGroupSpec, description="how the word-swap group is built")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="limits and defaults")
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateSpec:
+        if self.backbone.family != "causal_lm":
+            raise ValueError(f"task generate needs backbone family causal_lm, not {self.backbone.family!r}")
+        try:
+            parse_axes(self.group, self.text_group.sets)
+        except TextGroupError as exc:
+            raise ValueError(str(exc)) from exc
+        return self

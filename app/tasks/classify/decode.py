@@ -1,4 +1,7 @@
-"""Bytes -> ``uint8 [H, W, 3]`` RGB arrays, with the limits a public endpoint needs.
+"""Image bytes -> ``uint8 [H, W, 3]`` RGB arrays, with the limits a public endpoint needs.
+
+The server decodes here (in the engine's preprocessing pool); training and the benchmarks
+import the same function, so what they see is what the server sees.
 
 Decisions (documented in the README, "Limits and errors"):
 * the pixel limit is checked from the header, before any pixel is decoded (decompression

@@ -1,0 +1,115 @@
+"""What every route shares: the engine and settings of the app, the API key, disconnects,
+and the error responses documented in OpenAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from app.config import Settings
+from app.engine.engine import Engine
+from app.tasks.base import Timing
+
+from .errors import ClientDisconnected, Unauthorized
+from .schemas import ErrorBody
+
+T = TypeVar("T")
+
+
+def engine_of(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer auth for inference routes when ``EQUISERVE_API_KEY`` is set (constant-time compare)."""
+    key = settings_of(request).api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
+        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+def inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
+    """Replace ``$ref``s into the schema's own ``$defs`` by their content: a request body
+    schema in ``openapi_extra`` cannot point into ``components`` that nothing registers."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
+def error_responses(**descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the common errors, with a route's own descriptions (``e413=...``)."""
+    common = {
+        401: "API key missing or wrong",
+        404: "unknown model, or a model of another task",
+        413: "over a limit",
+        422: "invalid fields",
+        429: "queue full; retry after the Retry-After header",
+        503: "loading or shutting down",
+        504: "deadline passed while queued",
+    }
+    common.update({int(key.removeprefix("e")): text for key, text in descriptions.items()})
+    return {status: {"model": ErrorBody, "description": text} for status, text in sorted(common.items())}
+
+
+async def until_disconnected(request: Request, work: Callable[[Callable[[], Awaitable[Any]]], Awaitable[T]],
+                             read_body: Callable[[], Awaitable[Any]]) -> T:  # fmt: skip
+    """Run ``work(reader)`` unless the client disconnects first; then cancel it (its queued
+    items are dropped before the forward pass) and answer 499.
+
+    ``reader`` reads the body with ``read_body`` when the engine asks for it (after
+    admission); only after that can the next ASGI message be the disconnect, so the
+    watcher starts listening then."""
+    body_read = asyncio.Event()
+
+    async def reader() -> Any:
+        try:
+            return await read_body()
+        finally:
+            body_read.set()
+
+    async def disconnected() -> None:
+        await body_read.wait()
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work(reader))
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task not in done:
+        task.cancel()
+        raise ClientDisconnected("the client disconnected before its answer was ready")
+    return task.result()
+
+
+def timing_body(timing: Timing) -> dict[str, Any]:
+    return {
+        "queue_ms": timing.queue_s * 1000,
+        "inference_ms": timing.inference_s * 1000,
+        "batch_size": timing.batch_size,
+    }

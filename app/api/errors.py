@@ -1,0 +1,114 @@
+"""Engine errors and HTTP-only errors -> ``{"error": {"code", "message", "request_id"}}``
+with the right status. The one place that knows which status each kind of error gets."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from app.engine.errors import EngineError, QueueFull
+
+from .middleware import BodyTooLarge
+
+log = logging.getLogger("equiserve.api")
+
+# engine error code -> HTTP status
+STATUS: dict[str, int] = {
+    "invalid_input": 422,
+    "undecodable_image": 400,
+    "unsupported_media_type": 415,
+    "too_large": 413,
+    "model_not_found": 404,
+    "queue_full": 429,
+    "not_ready": 503,
+    "deadline_exceeded": 504,
+    "inference_failed": 500,
+}
+
+
+class ApiError(Exception):
+    """An error of the HTTP exchange itself (auth, body framing), not of the engine."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class MalformedBody(ApiError):
+    status, code = 400, "malformed_body"
+
+
+class UnsupportedBody(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+class ClientDisconnected(ApiError):
+    status, code = 499, "client_closed_request"  # nginx's "client closed request"
+
+
+def status_of(exc: EngineError) -> int:
+    return STATUS.get(exc.code, 500)
+
+
+def validation_message(errors: list) -> str:
+    """The first few pydantic errors as one line: ``field: message; ...``."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in list(errors)[:5])
+
+
+def error_response(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None)
+    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        status = status_of(exc)
+        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))} if isinstance(exc, QueueFull) else None
+        if status >= 500:
+            log.warning("request %s: %s %s", getattr(request.state, "request_id", "-"), status, exc.message)
+        return error_response(request, status, exc.code, exc.message, headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return error_response(request, exc.status, exc.code, exc.message, headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client hung up while sending its body: nobody will read an answer, and it is
+        # no server fault. Recorded as 499, not a 500.
+        message = "the client disconnected while sending its body"
+        log.info("request %s: %s", getattr(request.state, "request_id", "-"), message)
+        return error_response(request, 499, ClientDisconnected.code, message)
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(request, 413, "too_large", str(exc), {"Connection": "close"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, 422, "invalid_input", validation_message(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s failed", getattr(request.state, "request_id", "-"))
+        return error_response(request, 500, "internal_error", f"internal error ({type(exc).__name__})")

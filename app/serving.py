@@ -1,0 +1,124 @@
+"""``python -m app serve``: uvicorn with a graceful drain. Every flag is also an
+``EQUISERVE_*`` env var (``--max-batch-size`` for ``EQUISERVE_MAX_BATCH_SIZE``); flags win."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from typing import Any
+
+from app.config import Settings
+
+log = logging.getLogger("equiserve")
+
+# Third-party loggers that narrate at INFO what only matters when debugging (the ONNX
+# exporter prints every optimisation pass): WARNING and up unless EQUISERVE_LOG_LEVEL=debug.
+CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "onnxruntime", "httpx", "transformers", "accelerate")
+
+
+def add_parsers(commands: Any) -> None:
+    parser = commands.add_parser("serve", help="start the HTTP server")
+    settings_parser(parser)
+    parser.set_defaults(run=run_serve)
+
+
+def settings_parser(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} [env EQUISERVE_{name.upper()}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def configure_server_logging(level: str) -> None:
+    from app.cli import configure_logging
+
+    configure_logging(level.upper())
+    if level != "debug":
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    configure_server_logging(settings.log_level)
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    from app.server import create_app
+
+    app = create_app(settings)
+    server = DrainingServer(uvicorn_config(app, settings), app.state.engine, settings.drain_timeout_s)
+    server.run()
+    return 0 if server.started else 1
+
+
+def uvicorn_config(app: Any, settings: Settings) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # our middleware writes the one access line per request
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.keep_alive_s,
+    )
+
+
+class DrainingServer:
+    """uvicorn, with a graceful drain on SIGTERM/SIGINT.
+
+    uvicorn alone stops listening at once. We first turn readiness to 503 and answer new
+    requests with 503 while everything already accepted finishes (or ``drain_timeout_s``
+    passes); only then does uvicorn shut down, and the lifespan closes the batchers.
+    A second signal stops at once.
+    """
+
+    def __init__(self, config: Any, engine: Any, drain_timeout_s: float) -> None:
+        import uvicorn
+
+        engine_ref, timeout = engine, drain_timeout_s
+
+        class _Server(uvicorn.Server):
+            drain_started: float | None = None
+
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if self.drain_started is None and sig in (signal.SIGTERM, signal.SIGINT):
+                    log.info("signal %s: draining (readiness 503, new requests 503)", signal.Signals(sig).name)
+                    self.drain_started = time.monotonic()
+                    engine_ref.begin_drain()
+                    return
+                super().handle_exit(sig, frame)
+
+            async def on_tick(self, counter: int) -> bool:
+                if self.drain_started is not None:
+                    waited = time.monotonic() - self.drain_started
+                    if engine_ref.idle or waited > timeout:
+                        if not engine_ref.idle:
+                            log.warning("drain timeout after %.1f s with requests in flight", waited)
+                        self.should_exit = True
+                return await super().on_tick(counter)
+
+        self._server = _Server(config)
+
+    @property
+    def started(self) -> bool:
+        return bool(self._server.started)
+
+    def run(self) -> None:
+        self._server.run()

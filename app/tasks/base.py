@@ -1,0 +1,233 @@
+"""The task contract: what one served model of a task supplies to the engine.
+
+The engine (``app.engine``) is the same for every task: it loads models, admits requests
+(queue bound, predicted wait, deadline from arrival), batches items, runs the batch function
+in its inference thread, answers, drains, and records metrics. A task is a package
+``app.tasks.<task>`` with a ``ServedModel`` subclass that fills in the pieces below, and a
+spec class (``TaskSpec`` subclass) for its ``model.yaml``. The engine never looks inside.
+
+A request flows through the pieces in this order::
+
+    split(request, settings) -> [piece, ...]      on the event loop: cheap checks, one piece per batch item
+    prepare(piece)           -> item              in the preprocessing pool (or inline): decode, tokenize
+    __call__([item, ...])    -> [result | error]  the inference thread: ONE fused pass for the batch
+    respond(request, results, timing) -> output   the request's answer
+
+Errors are the engine's (``app.engine.errors``): raise ``InvalidInput``, ``TooLarge``, ...
+from ``split`` or ``prepare``; return an exception in the batch function's list to fail one
+item without failing the others.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.engine.errors import InvalidInput
+from app.equivariance.methods import Method, ZeroLoss
+
+if TYPE_CHECKING:
+    import torch
+
+    from app.config import Settings
+
+RequestT = TypeVar("RequestT")
+PieceT = TypeVar("PieceT")
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+OutputT = TypeVar("OutputT")
+
+
+class BackboneSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    family: str = Field(description="a backbone family of app.backbones.families")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the backbone class")
+
+
+class TaskSpec(BaseModel):
+    """The fields of ``model.yaml`` common to every task; each task's spec adds its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    task: str
+    description: str = ""
+    backbone: BackboneSpec
+    group: str
+    methods: list[Method] = Field(default_factory=lambda: list(Method))
+    default_method: Method = Method.EQUITUNE
+    zero_loss: ZeroLoss = ZeroLoss.NEG_MAX_PROB
+    lambda_net: str | None = Field(None, description="safetensors file of a trained λ-net")
+    optional: bool = Field(False, description="skip when the weights need a download, unless named")
+
+    @model_validator(mode="after")
+    def _check_methods(self) -> TaskSpec:
+        if self.default_method not in self.methods:
+            raise ValueError(f"default_method {self.default_method.value!r} is not among methods")
+        return self
+
+    def resolve_method(self, method: str | None) -> Method:
+        """A request's ``method`` (None: the default), refused unless this entry serves it."""
+        if method is None:
+            return self.default_method
+        if method not in {m.value for m in self.methods}:
+            allowed = [m.value for m in self.methods]
+            raise InvalidInput(f"method {method!r} is not served by {self.name}; choose from {allowed}")
+        return Method(method)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load any model: the engine builds it from ``Settings``; training and tests
+    pass what they need."""
+
+    device: str = "auto"
+    dtype: str = "float32"
+    channels_last: bool = True
+    runtime: str = "torch"  # image backbones: torch | onnxruntime | auto
+    onnx_cache_dir: Path | None = None
+    threads: int | None = None  # intra-op threads of onnxruntime
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LoadOptions:
+        return cls(
+            device=settings.device,
+            dtype=settings.dtype,
+            channels_last=settings.channels_last,
+            runtime=settings.runtime,
+            onnx_cache_dir=settings.onnx_cache_dir,
+            threads=settings.torch_threads,
+        )
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a request was served (the slowest of its items)."""
+
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+class Diagnosed(Protocol):
+    """What the engine's metrics read from every result."""
+
+    lambda_entropy: float | None
+    selected_transform: str | None
+
+
+Emit = Callable[[str, Any], None]  # (event kind, payload): thread-safe, from the inference thread
+
+
+class ServedModel(ABC, Generic[RequestT, PieceT, ItemT, ResultT, OutputT]):
+    """One loaded model of one task. Subclasses set ``task`` and ``spec_type`` and fill in
+    the abstract methods; the class attributes below declare the task's capabilities."""
+
+    task: ClassVar[str]
+    spec_type: ClassVar[type[TaskSpec]]
+    # Batches of this task always wait ``max_wait_ms`` for more items, even with nothing
+    # announced: for tasks whose batch runs long (a whole generation), so that a request
+    # arriving just after a lone one does not wait a whole batch.
+    always_wait: ClassVar[bool] = False
+    # ``prepare`` runs in the preprocessing pool (image decoding); cheap ones run inline.
+    prepare_in_pool: ClassVar[bool] = False
+    # ``stream`` may be asked for (tokens as they are made).
+    streams: ClassVar[bool] = False
+
+    def __init__(self, spec: TaskSpec, *, lambda_trained: bool, device: torch.device, dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.lambda_trained = lambda_trained
+        self.device = device
+        self.dtype = dtype
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def load(cls, folder: Path, spec: Any, options: LoadOptions) -> ServedModel:
+        """Build the model of entry ``spec`` from its folder (blocking; safetensors only)."""
+
+    @classmethod
+    def weights_are_local(cls, spec: Any) -> bool:
+        """Whether loading needs no download (entries marked ``optional`` are skipped if not)."""
+        return True
+
+    # -- what the engine and GET /v1/models see -------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    @abstractmethod
+    def backbone_name(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def transforms(self) -> list[str]: ...
+
+    @property
+    def runtime(self) -> str:
+        return "torch"
+
+    def max_batch_size(self, default: int) -> int:
+        """Items per batch; ``default`` is ``EQUISERVE_MAX_BATCH_SIZE``."""
+        return default
+
+    def card(self) -> dict[str, Any]:
+        """The model's entry in ``GET /v1/models``: the common fields, then ``card_extras``."""
+        return {
+            "name": self.name,
+            "task": self.task,
+            "backbone": self.backbone_name,
+            "group": self.spec.group,
+            "transforms": self.transforms,
+            "methods": [m.value for m in self.spec.methods],
+            "default_method": self.spec.default_method.value,
+            "lambda_trained": self.lambda_trained,
+            "device": self.device.type,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "runtime": self.runtime,
+            "description": self.spec.description,
+            **self.card_extras(),
+        }
+
+    def card_extras(self) -> dict[str, Any]:
+        return {}
+
+    # -- serving ---------------------------------------------------------------------------
+    @abstractmethod
+    def split(self, request: RequestT, settings: Settings) -> Sequence[PieceT]:
+        """Check what is cheap to check (limits are ``settings``' ``max_*``) and return one
+        piece per batch item."""
+
+    @abstractmethod
+    def prepare(self, piece: PieceT) -> ItemT:
+        """A piece -> a batch item (decode, preprocess, tokenize); may raise engine errors."""
+
+    @abstractmethod
+    def __call__(self, items: list[ItemT]) -> Sequence[ResultT | BaseException]:
+        """ONE fused pass for a batch: all |G| copies of all items."""
+
+    @abstractmethod
+    def respond(self, request: RequestT, results: list[ResultT], timing: Timing) -> OutputT:
+        """The answer to one request from its items' results."""
+
+    @abstractmethod
+    def warmup(self, batch_size: int) -> None:
+        """Run a full-size batch so the first real request pays nothing."""
+
+    def stream(self, item: ItemT, emit: Emit) -> None:
+        """Have ``item`` report its progress through ``emit`` (tasks with ``streams``)."""
+        raise InvalidInput(f"{self.name} does not stream")
+
+    def cancel(self, item: ItemT) -> None:
+        """The client went away while ``item`` is in a running batch: stop work on it if the
+        task can (a generation stops decoding it); dropping it before the pass is the engine's."""
+
+    def release_memory(self) -> None:
+        """Hand back memory the runtime keeps for itself (called when the engine is idle)."""

@@ -1,0 +1,322 @@
+"""A served image classifier: one fused forward pass for a batch of images that may ask for
+different things.
+
+The batch's images go to the device once, through ``group.expand`` and ONE backbone call;
+then, per label set (zero-shot models) the head runs on the shared features, and per
+method the copies are combined. Everything leaves the device in one transfer per tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from app.backbones.base import ImageBackbone, LinearHeadBackbone
+from app.backbones.factory import create_backbone
+from app.backbones.factory import weights_are_local as backbone_is_local
+from app.backbones.onnx_cache import can_export, onnx_backbone
+from app.backbones.onnx_runtime import OnnxBackbone
+from app.backbones.preprocess import pixels_from_uint8
+from app.engine.errors import InvalidInput, TooLarge
+from app.engine.registry import (
+    ModelLoadError,
+    file_in,
+    load_lambda_net,
+    load_tensors,
+    resolve_device,
+    resolve_dtype,
+    resolve_file_options,
+)
+from app.equivariance import EquivariantModel, Method, combine, image_group, lambda_entropy
+from app.tasks.base import LoadOptions, ServedModel, Timing
+
+from .decode import decode_image
+from .messages import (
+    ClassifyOutput,
+    ClassifyRequest,
+    EncodedImage,
+    ImageResult,
+    Prediction,
+    TransformDiagnostics,
+)
+from .spec import ClassifySpec
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+log = logging.getLogger("equiserve.classify")
+
+DEFAULT_TOP_K = 5  # capped at the number of labels
+FILE_OPTIONS = ("weights_path", "checkpoint", "path")  # backbone options naming files in the entry's folder
+
+
+@dataclass(frozen=True)
+class ImagePiece:
+    """One image of a request, not yet decoded, with what its request asked for."""
+
+    image: EncodedImage | np.ndarray
+    method: Method
+    top_k: int
+    labels: tuple[str, ...] | None
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of a classify request, preprocessed, with what its request asked for."""
+
+    pixels: Tensor  # [3, S, S] float32 in [0, 1], on the CPU
+    method: Method
+    top_k: int
+    labels: tuple[str, ...] | None = None  # zero-shot label set; None = the model's own
+
+
+class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageResult, ClassifyOutput]):
+    """An image backbone on its device, wrapped with its group and λ-net."""
+
+    task = "classify"
+    spec_type = ClassifySpec
+    prepare_in_pool = True  # decoding and resizing an image is real work
+    spec: ClassifySpec
+
+    def __init__(self, spec: ClassifySpec, backbone: ImageBackbone, model: EquivariantModel, **kw: Any) -> None:
+        super().__init__(spec, **kw)
+        self.backbone = backbone
+        self.model = model
+        self._pin = self.device.type == "cuda"
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: Path, spec: ClassifySpec, options: LoadOptions) -> ClassifyModel:
+        """``options.runtime``: what runs the backbone. ``onnxruntime`` exports it (once, cached
+        in ``onnx_cache_dir``) and runs it with onnxruntime on the CPU, several times faster
+        there than eager torch; ``auto`` does that on the CPU for fixed-label backbones and
+        keeps torch elsewhere (CUDA, zero-shot CLIP)."""
+        name = spec.name
+        backbone_options = resolve_file_options(folder, spec.backbone.options, FILE_OPTIONS)
+        try:
+            backbone = create_backbone(spec.backbone.family, **backbone_options)
+        except (FileNotFoundError, OSError, RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"{name}: cannot build the {spec.backbone.family} backbone: {exc}") from exc
+
+        labels = _labels(folder, spec.labels)
+        if spec.head is not None:
+            if not isinstance(backbone, LinearHeadBackbone):
+                raise ModelLoadError(f"{name}: a head file needs a CNN backbone, not {spec.backbone.family}")
+            try:
+                backbone.replace_head(labels or [], load_tensors(file_in(folder, spec.head)))
+            except RuntimeError as exc:
+                raise ModelLoadError(f"{name}: head {spec.head} does not fit: {exc}") from exc
+        elif labels is not None:
+            backbone.labels = labels
+
+        device = resolve_device(options.device)
+        lambda_net = load_lambda_net(folder, spec, backbone.feature_dim, device)
+        backbone.to_runtime(device, resolve_dtype(options.dtype, device), channels_last=options.channels_last)
+        if _wants_onnxruntime(options.runtime, backbone, device):
+            try:
+                backbone = onnx_backbone(backbone, options.onnx_cache_dir, options.threads)
+            except Exception as exc:  # the exporter fails in many ways; torch still serves the model
+                if options.runtime == "onnxruntime":
+                    raise ModelLoadError(f"{name}: cannot run the backbone with onnxruntime: {exc}") from exc
+                log.warning("%s: ONNX export failed (%s: %s); serving with torch", name, type(exc).__name__, exc)
+        model = EquivariantModel(
+            backbone.encode, backbone.head, image_group(spec.group), lambda_net=lambda_net, zero_loss=spec.zero_loss
+        ).eval()
+        return cls(
+            spec, backbone, model, lambda_trained=spec.lambda_net is not None, device=device, dtype=backbone.dtype
+        )
+
+    @classmethod
+    def weights_are_local(cls, spec: ClassifySpec) -> bool:
+        return backbone_is_local(spec.backbone.family, **spec.backbone.options)
+
+    # -- what GET /v1/models shows --------------------------------------------------------------
+    @property
+    def backbone_name(self) -> str:
+        return self.backbone.name
+
+    @property
+    def transforms(self) -> list[str]:
+        return self.model.group.names
+
+    @property
+    def zero_shot(self) -> bool:
+        return self.backbone.zero_shot
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if isinstance(self.backbone, OnnxBackbone) else "torch"
+
+    def card_extras(self) -> dict[str, Any]:
+        return {
+            "num_labels": None if self.zero_shot else len(self.backbone.labels),
+            "zero_shot": self.zero_shot,
+            "input_size": self.backbone.input_size,
+        }
+
+    # -- a request ------------------------------------------------------------------------------
+    def split(self, request: ClassifyRequest, settings: Settings) -> list[ImagePiece]:
+        """Everything about a request that depends on its model, checked before decoding."""
+        n_images = len(request.images)
+        if n_images < 1:
+            raise InvalidInput("send at least one image")
+        if n_images > settings.max_images:
+            raise TooLarge(
+                f"{n_images} images in one request; the limit is {settings.max_images} (EQUISERVE_MAX_IMAGES)"
+            )
+        method = self.spec.resolve_method(request.method)
+        labels = self._label_set(request.labels, settings)
+        num_labels = len(labels) if labels is not None else len(self.backbone.labels)
+        top_k = min(DEFAULT_TOP_K, num_labels) if request.top_k is None else request.top_k
+        if not 1 <= top_k <= num_labels:
+            raise InvalidInput(f"top_k must be between 1 and {num_labels}")
+        return [ImagePiece(image, method, top_k, labels, settings.max_pixels) for image in request.images]
+
+    def _label_set(self, labels: Sequence[str] | None, settings: Settings) -> tuple[str, ...] | None:
+        if labels is None:
+            if self.zero_shot and not self.backbone.labels:
+                raise InvalidInput(f"{self.name} is zero-shot: send 'labels'")
+            return None
+        if not self.zero_shot:
+            raise InvalidInput(f"{self.name} has a fixed label set; 'labels' is only for zero-shot models")
+        if len(labels) > settings.max_labels:
+            raise TooLarge(f"{len(labels)} labels; the limit is {settings.max_labels} (EQUISERVE_MAX_LABELS)")
+        cleaned = tuple(label.strip() for label in labels)
+        if not cleaned or any(not label for label in cleaned):
+            raise InvalidInput("labels must be non-empty strings")
+        if any(len(label) > settings.max_label_chars for label in cleaned):
+            raise InvalidInput(f"a label is longer than {settings.max_label_chars} characters")
+        if len(set(cleaned)) != len(cleaned):
+            raise InvalidInput("labels must be distinct")
+        return cleaned
+
+    def prepare(self, piece: ImagePiece) -> ImageItem:
+        """Decode (JPEGs at a reduced DCT scale where the input size allows) and preprocess."""
+        image = piece.image
+        if isinstance(image, EncodedImage):
+            image = decode_image(
+                image.data,
+                max_pixels=piece.max_pixels,
+                min_side=self.backbone.input_size,
+                content_type=image.content_type,
+            )
+        return ImageItem(self.preprocess(image), piece.method, piece.top_k, piece.labels)
+
+    def preprocess(self, image: np.ndarray) -> Tensor:
+        """``uint8 [H, W, 3]`` -> ``[3, S, S]`` float."""
+        return pixels_from_uint8(image, self.backbone.input_size)
+
+    def respond(self, request: ClassifyRequest, results: list[ImageResult], timing: Timing) -> ClassifyOutput:
+        method = self.spec.resolve_method(request.method)
+        return ClassifyOutput(self.name, method, self.spec.group, results, timing)
+
+    # -- the fused pass --------------------------------------------------------------------------
+    def labels_for(self, labels: tuple[str, ...] | None) -> list[str]:
+        return list(labels) if labels is not None else self.backbone.labels
+
+    @torch.inference_mode()
+    def __call__(self, items: list[ImageItem]) -> list[ImageResult | BaseException]:
+        pixels = torch.stack([item.pixels for item in items])
+        if self._pin:
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(self.device, non_blocking=True)
+        features, log_lambda = self.model.encode_copies(pixels)  # the one fused backbone call
+        assert log_lambda is not None  # the loader always attaches a λ-net
+        lambda_weights = torch.softmax(log_lambda.float(), dim=0)
+        entropies = lambda_entropy(lambda_weights).cpu().tolist()
+
+        results: list[ImageResult | BaseException] = [RuntimeError("not computed")] * len(items)
+        by_labels: dict[tuple[str, ...] | None, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            by_labels[item.labels].append(i)
+        names = self.model.group.names
+        for label_set, rows in by_labels.items():
+            try:
+                head = self.backbone.head_for(label_set)
+                label_names = self.labels_for(label_set)
+                index = torch.tensor(rows, device=features.device)
+                aligned = self.model.heads(features.index_select(1, index), head).float()  # [n, b, K]
+                copy_scores, copy_top = aligned.softmax(-1).max(-1)  # what each copy predicted
+                copy_scores, copy_top = copy_scores.cpu(), copy_top.cpu()
+                sub_log_lambda = log_lambda.index_select(1, index)
+                by_method: dict[Method, list[int]] = defaultdict(list)
+                for j, row in enumerate(rows):
+                    by_method[items[row].method].append(j)
+                for method, cols in by_method.items():
+                    col_index = torch.tensor(cols, device=features.device)
+                    combined = combine(
+                        aligned.index_select(1, col_index),
+                        method,
+                        log_lambda=sub_log_lambda.index_select(1, col_index),
+                        zero_loss=self.model.zero_loss,
+                    )
+                    k = min(max(items[rows[j]].top_k for j in cols), len(label_names))
+                    top_scores, top_index = combined.output.softmax(-1).topk(k, dim=-1)
+                    top_scores, top_index = top_scores.cpu().tolist(), top_index.cpu().tolist()
+                    weights = combined.weights.cpu().T.tolist()  # [b, n]
+                    selected = combined.selected.cpu().tolist() if combined.selected is not None else None
+                    for c, j in enumerate(cols):
+                        item = items[rows[j]]
+                        predictions = [
+                            Prediction(label_names[idx], idx, score)
+                            for idx, score in zip(top_index[c][: item.top_k], top_scores[c][: item.top_k], strict=True)
+                        ]
+                        transforms = [
+                            TransformDiagnostics(
+                                names[g], weights[c][g], label_names[int(copy_top[g, j])], float(copy_scores[g, j])
+                            )
+                            for g in range(len(names))
+                        ]
+                        results[rows[j]] = ImageResult(
+                            predictions,
+                            transforms,
+                            names[selected[c]] if selected is not None else None,
+                            entropies[rows[j]],
+                        )
+            except Exception as exc:  # one label set failing must not fail the rest of the batch
+                for row in rows:
+                    results[row] = exc
+        return results
+
+    def warmup(self, batch_size: int) -> None:
+        """A full-size batch with every method, so the first real request pays nothing."""
+        size = self.backbone.input_size
+        methods = list(self.spec.methods)
+        labels = ("a cat", "a dog") if self.zero_shot and not self.backbone.labels else None
+        items = [ImageItem(torch.rand(3, size, size), methods[i % len(methods)], 1, labels) for i in range(batch_size)]
+        for result in self(items):
+            if isinstance(result, BaseException):
+                raise result
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def release_memory(self) -> None:
+        self.backbone.release_memory()
+
+
+def _labels(folder: Path, labels: list[str] | str | None) -> list[str] | None:
+    if labels is None or isinstance(labels, list):
+        return labels
+    return [line.strip() for line in file_in(folder, labels).read_text().splitlines() if line.strip()]
+
+
+def _wants_onnxruntime(runtime: str, backbone: ImageBackbone, device: torch.device) -> bool:
+    if runtime == "torch":
+        return False
+    if runtime == "auto":
+        return device.type == "cpu" and can_export(backbone)
+    if device.type != "cpu" or not can_export(backbone):
+        raise ModelLoadError(
+            f"{backbone.name}: runtime onnxruntime needs the CPU and a fixed-label backbone "
+            f"(device {device.type}, zero-shot {backbone.zero_shot})"
+        )
+    return True

@@ -1,0 +1,28 @@
+"""The ``model.yaml`` of a classify entry."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from app.backbones.factory import families_for
+from app.equivariance.groups import IMAGE_GROUPS
+from app.tasks.base import TaskSpec
+
+
+class ClassifySpec(TaskSpec):
+    task: Literal["classify"] = "classify"
+    head: str | None = Field(None, description="safetensors file of a linear head (weight, bias)")
+    labels: list[str] | str | None = Field(None, description="label names, or a text file with one per line")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifySpec:
+        if self.group not in IMAGE_GROUPS:
+            raise ValueError(f"unknown group {self.group!r}; choose from {list(IMAGE_GROUPS)}")
+        families = families_for("classify")
+        if self.backbone.family not in families:
+            raise ValueError(f"backbone family {self.backbone.family!r} does not classify; choose from {families}")
+        if self.head is not None and self.labels is None:
+            raise ValueError("a head needs its labels")
+        return self

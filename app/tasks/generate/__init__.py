@@ -1,0 +1,1 @@
+"""Task ``generate``: text in, text out, equivariant to demographic word swaps (EquiLM)."""
