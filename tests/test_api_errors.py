@@ -60,6 +60,8 @@ async def test_client_errors(tiny_models_dir: Path) -> None:
         assert_error(await client.post(URL, files=[("image", ("a.txt", b"hello", "text/plain"))]), 415)
         assert_error(await client.post(URL, files=[("image", ("a.png", b"hello world", "image/png"))]), 415)
         assert_error(await client.post(URL, content=b"x", headers={"content-type": "text/plain"}), 415)
+        empty = assert_error(await client.post(URL), 415, "unsupported_media_type")  # no body, no content type
+        assert "Content-Type" in empty["message"]
         # 422: method, top_k, labels on a fixed-label model, schema
         assert_error(await client.post(URL, files=good, data={"method": "magic"}), 422, "invalid_input")
         assert_error(await client.post(URL, files=good, data={"top_k": "0"}), 422)

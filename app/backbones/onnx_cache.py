@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -81,11 +82,13 @@ def onnx_backbone(backbone: ImageBackbone, cache_dir: Path | None = None, thread
     cache_dir = cache_dir or default_cache_dir()
     path = cache_dir / f"{backbone.name}-{export_key(backbone)}.onnx"
     if path.is_file():
-        log.info("%s: onnxruntime graph from the cache %s", backbone.name, path)
+        log.debug("%s: onnxruntime graph from the cache %s", backbone.name, path)
     else:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        log.info("%s: exporting to ONNX for onnxruntime (once per model; cached in %s)", backbone.name, cache_dir)
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".export-") as scratch:
             exported = export_onnx(backbone, Path(scratch) / path.name)
             os.replace(exported, path)
+        log.info("%s: exported to ONNX for onnxruntime in %.1f s (once per model; cached in %s)",
+                 backbone.name, time.perf_counter() - started, cache_dir)  # fmt: skip
     return OnnxBackbone(path, device="cpu", session_options=session_options(threads))

@@ -92,6 +92,7 @@ def export_onnx(
             opset_version=opset,
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
+            verbose=False,  # no progress lines on stdout; the cache logs one line per export
         )
         labels = list(module.head.labels) if hasattr(module.head, "labels") else list(backbone.labels)
         meta = {

@@ -5,7 +5,7 @@ Nothing here imports the rest of equiserve, and nothing here knows about HTTP.
 
 from .groups import IMAGE_GROUPS, FiniteGroup, GroupElement, ImageGroup, PermutationGroup, image_group
 from .lambda_net import LambdaNet
-from .methods import Combined, Method, ZeroLoss, combine, equizero_loss, lambda_entropy
+from .methods import Combined, Method, Mixture, ZeroLoss, combine, equizero_loss, lambda_entropy
 from .model import Copies, EquivariantModel, pool_features
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ImageGroup",
     "LambdaNet",
     "Method",
+    "Mixture",
     "PermutationGroup",
     "ZeroLoss",
     "combine",

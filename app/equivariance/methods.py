@@ -79,6 +79,26 @@ def _weighted_sum(aligned: Tensor, weights: Tensor) -> Tensor:
     return (w * aligned).sum(0)
 
 
+class Mixture(str, Enum):
+    """How the weighted copies are averaged.
+
+    * ``mean``: ``Σ_g w_g y_g``, the outputs themselves (logits, Q-values, dense maps);
+    * ``log_mean_exp``: ``log Σ_g w_g exp(y_g)`` for log-probabilities: the mixture of the copies'
+      distributions (what EquiLM averages), not a product of experts.
+    """
+
+    MEAN = "mean"
+    LOG_MEAN_EXP = "log_mean_exp"
+
+
+def _mix(aligned: Tensor, weights: Tensor, mixture: Mixture) -> Tensor:
+    if mixture is Mixture.LOG_MEAN_EXP:
+        # A zero weight becomes exp(-69) ≈ 1e-30, below anything float32 resolves next to a real copy.
+        log_w = weights.to(aligned.dtype).clamp_min(1e-30).log()
+        return torch.logsumexp(aligned + log_w.reshape(*weights.shape, *([1] * (aligned.dim() - 2))), dim=0)
+    return _weighted_sum(aligned, weights)
+
+
 def combine(
     aligned: Tensor,
     method: Method | str,
@@ -87,37 +107,42 @@ def combine(
     zero_loss: ZeroLoss | str = ZeroLoss.NEG_MAX_PROB,
     class_dim: int = -1,
     straight_through: bool = False,
+    mixture: Mixture | str = Mixture.MEAN,
 ) -> Combined:
     """Combine aligned per-copy outputs ``[|G|, B, ...]`` with ``method``.
 
     ``log_lambda`` ([|G|, B], λ = exp) is needed by ``lambda``. With ``straight_through``
     equizero's forward value is the selected copy but its gradient is equitune's (the
-    selection itself has no gradient), as the paper trains it.
+    selection itself has no gradient), as the paper trains it. ``mixture``: see ``Mixture``.
     """
-    method = Method(method)
+    method, mixture = Method(method), Mixture(mixture)
     n, batch = aligned.shape[:2]
     if method is Method.VANILLA:
         weights = torch.zeros(n, batch, device=aligned.device)
         weights[0] = 1.0
         # Copy 0 is the identity: return it as is, bit for bit the plain model's output.
         return Combined(aligned[0], weights, None)
+    selected = None
     if method is Method.EQUITUNE:
         weights = torch.full((n, batch), 1.0 / n, device=aligned.device)
-        return Combined(aligned.mean(0), weights, None)
-    if method is Method.EQUIZERO:
+    elif method is Method.EQUIZERO:
         with torch.no_grad():
             weights, selected = equizero_weights(equizero_loss(aligned, ZeroLoss(zero_loss), class_dim))
-        output = _weighted_sum(aligned, weights)  # the selected copy; the mean of tied ones
-        if straight_through:
-            mean = aligned.mean(0)
-            output = mean + (output - mean).detach()
-        return Combined(output, weights, selected)
-    if method is Method.LAMBDA:
+    elif method is Method.LAMBDA:
         if log_lambda is None:
             raise ValueError("the lambda method needs the λ-net's log-weights")
         weights = torch.softmax(log_lambda.float(), dim=0)  # λ_g / Σ_h λ_h
-        return Combined(_weighted_sum(aligned, weights), weights, None)
-    raise ValueError(f"unknown method {method!r}")  # pragma: no cover
+    else:  # pragma: no cover - Enum exhausts the cases
+        raise ValueError(f"unknown method {method!r}")
+    if method is Method.EQUITUNE and mixture is Mixture.MEAN:
+        output = aligned.mean(0)
+    else:
+        output = _mix(aligned, weights, mixture)  # for equizero: the selected copy; the mix of tied ones
+    if straight_through and method is Method.EQUIZERO:
+        uniform = torch.full_like(weights, 1.0 / n)
+        mean = aligned.mean(0) if mixture is Mixture.MEAN else _mix(aligned, uniform, mixture)
+        output = mean + (output - mean).detach()
+    return Combined(output, weights, selected)
 
 
 def lambda_entropy(weights: Tensor) -> Tensor:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .groups import PermutationGroup
-from .methods import Combined, Method, ZeroLoss, combine, equizero_loss, equizero_weights
+from .methods import Combined, Mixture
 
 __all__ = [
     "DEFAULT_GENERAL_WORDS",
@@ -52,7 +52,7 @@ __all__ = [
     "TextGroupError",
     "build_text_group",
     "canonical_frames",
-    "combine_next_token",
+    "next_token_distribution",
     "parse_axes",
     "word_forms",
 ]
@@ -104,6 +104,10 @@ class CombineSpace(str, Enum):
 
     PROBS = "probs"
     LOGITS = "logits"
+
+    @property
+    def mixture(self) -> Mixture:
+        return Mixture.LOG_MEAN_EXP if self is CombineSpace.PROBS else Mixture.MEAN
 
 
 @dataclass(frozen=True)
@@ -402,23 +406,14 @@ def build_text_group(
 # ---------------------------------------------------------------------------------------
 
 
-def combine_next_token(
-    aligned: Tensor,
-    method: Method | str,
-    *,
-    log_lambda: Tensor | None = None,
-    zero_loss: ZeroLoss | str = ZeroLoss.NEG_MAX_PROB,
-    space: CombineSpace | str = CombineSpace.PROBS,
-    general_mask: Tensor | None = None,
-) -> Combined:
-    """Combine aligned per-copy next-token log-probabilities ``[|G|, B, V]`` into ``[B, V]``.
+def next_token_distribution(combined: Combined, aligned: Tensor, general_mask: Tensor | None = None) -> Combined:
+    """The EquiLM next-token log-distribution ``[B, V]`` from the combination of the aligned
+    per-copy log-probabilities ``aligned`` ``[|G|, B, V]`` (``aligned[g] = σ_g⁻¹·log p(·|σ_g t)``).
 
-    ``aligned[g] = σ_g⁻¹·log p(·|σ_g t)`` (``log_softmax`` of each copy's logits, then
-    ``invert_scores``). The output is a normalised log-distribution. ``combine`` gives the
-    weights (uniform, λ); ``space`` says whether they average probabilities (a mixture) or
-    log-probabilities (a product of experts). With ``general_mask`` (R-EquiLM) the masked
-    tokens take the identity copy's log-probability before renormalising. Vanilla returns
-    copy 0 untouched.
+    ``combined`` comes from ``combine`` (through ``EquivariantModel.combine_aligned``) with the
+    mixture of ``CombineSpace.mixture``. With ``general_mask`` (R-EquiLM) the masked tokens take
+    the identity copy's log-probability; the result is renormalised. (Vanilla needs none of
+    this: its output is copy 0's distribution as it is.)
 
     Equizero takes the copy of least loss, and *all* copies tied with it share the weight.
     Ties are the rule, not the exception, for text: a prompt that mentions only gender is
@@ -427,26 +422,7 @@ def combine_next_token(
     a tie would break equivariance; averaging the tied copies (a coset of the prompt's
     stabiliser) keeps it, and is the plain argmin whenever the minimum is unique.
     """
-    method = Method(method)
-    space = CombineSpace(space)
-    if method is Method.EQUIZERO:
-        with torch.no_grad():
-            weights, selected = equizero_weights(equizero_loss(aligned, ZeroLoss(zero_loss)))  # [|G|, B]
-        log_w = weights.to(aligned.dtype).clamp_min(1e-30).log()
-        if space is CombineSpace.PROBS:
-            out = torch.logsumexp(aligned + log_w.unsqueeze(-1), dim=0)
-        else:
-            out = (weights.to(aligned.dtype).unsqueeze(-1) * aligned).sum(0)
-        if general_mask is not None:
-            out = torch.where(general_mask, aligned[0], out)
-        return Combined(torch.log_softmax(out, dim=-1), weights, selected)
-    combined = combine(aligned, method, log_lambda=log_lambda, zero_loss=zero_loss)
-    if method is Method.VANILLA:
-        return combined
-    out = combined.output  # the weighted mean of log-probabilities
-    if space is CombineSpace.PROBS:
-        log_w = combined.weights.to(aligned.dtype).clamp_min(1e-30).log()  # [|G|, B]
-        out = torch.logsumexp(aligned + log_w.unsqueeze(-1), dim=0)
+    out = combined.output
     if general_mask is not None:
         out = torch.where(general_mask, aligned[0], out)
     return Combined(torch.log_softmax(out, dim=-1), combined.weights, combined.selected)

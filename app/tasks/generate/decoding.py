@@ -7,7 +7,7 @@ together. Every step:
    copy ``g`` of request ``b`` is ``σ_g`` of its text, with its own rows of the KV cache;
 2. per-copy next-token log-probabilities are aligned (``invert_scores``: ``σ_g⁻¹``) and the
    λ-net scores each copy from its last hidden state;
-3. per (method, R-EquiLM) subset of the batch, ``combine_next_token`` gives the EquiLM
+3. per (method, R-EquiLM) subset of the batch, ``combine`` (then ``next_token_distribution``) gives the EquiLM
    distribution ``[B, V]``;
 4. each request samples its token *in its canonical frame* with its own seeded generator
    (greedy: argmax) and the token is fed to each copy relabelled by ``σ_g``.
@@ -35,8 +35,7 @@ import torch
 from torch import Tensor
 
 from app.equivariance import Method, lambda_entropy
-from app.equivariance.text import canonical_frames
-from app.equivariance.text import combine_next_token as combine_tokens
+from app.equivariance.text import canonical_frames, next_token_distribution
 
 from .messages import GeneratedToken, GenerationResult, TokenEvent
 
@@ -123,8 +122,7 @@ class TextRunner:
         self.model = model
         self.lm = model.lm
         self.group = model.group
-        self.space = model.text_group.combine
-        self.zero_loss = model.spec.zero_loss
+        self.equivariant = model.equivariant
 
     # -- the pieces ----------------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], use_group: bool) -> _Prefill:
@@ -155,7 +153,7 @@ class TextRunner:
         logprobs = torch.log_softmax(logits, dim=-1).view(n, b, -1)
         mid = group.next_mid_word(last)
         if n > 1:
-            aligned = group.invert_scores(logprobs, mid)  # σ_g⁻¹ on each copy, one gather
+            aligned = self.equivariant.align(logprobs, mid_word=mid)  # σ_g⁻¹ on each copy, one gather
             log_lambda = self.model.lambda_net(hidden).view(n, b)
             entropies = lambda_entropy(torch.softmax(log_lambda.float(), dim=0)).tolist()
         else:
@@ -169,14 +167,12 @@ class TextRunner:
         general = group.general_mask(out.device)
         for (method, relaxed), cols in subsets.items():
             index = torch.tensor(cols, device=out.device)
-            combined = combine_tokens(
-                aligned.index_select(1, index),
-                method,
-                log_lambda=log_lambda.index_select(1, index) if log_lambda is not None else None,
-                zero_loss=self.zero_loss,
-                space=self.space,
-                general_mask=general if relaxed and method is not Method.VANILLA else None,
+            subset = aligned.index_select(1, index)
+            combined = self.equivariant.combine_aligned(
+                subset, method, log_lambda.index_select(1, index) if log_lambda is not None else None
             )
+            if method is not Method.VANILLA:
+                combined = next_token_distribution(combined, subset, general if relaxed else None)
             out[index] = combined.output
             weights[:, index] = combined.weights.to(weights.dtype)
             if combined.selected is not None:

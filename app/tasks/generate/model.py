@@ -17,7 +17,7 @@ from app.backbones.causal_lm import CausalLM, CausalLMError, load_causal_lm
 from app.backbones.causal_lm import weights_are_local as lm_is_local
 from app.engine.errors import InvalidInput, TooLarge
 from app.engine.registry import ModelLoadError, load_lambda_net, resolve_device, resolve_dtype, resolve_file_options
-from app.equivariance import LambdaNet
+from app.equivariance import EquivariantModel, LambdaNet
 from app.equivariance.text import TextGroup, TextGroupError, build_text_group
 from app.tasks.base import Emit, LoadOptions, ServedModel, Timing
 
@@ -61,6 +61,17 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
         self.lm = lm
         self.group = group
         self.lambda_net = lambda_net
+        # The decoder runs the copies itself (a KV cache per copy); the wrapper aligns their
+        # next-token log-probabilities (σ_g⁻¹, in each row's word context) and combines them.
+        self.equivariant = EquivariantModel(
+            None,
+            None,
+            group,
+            lambda_net=lambda_net,
+            output="permutation",
+            zero_loss=spec.zero_loss,
+            mixture=spec.text_group.combine.mixture,
+        ).eval()
         self.runner = TextRunner(self)
 
     @classmethod

@@ -1,0 +1,24 @@
+"""/docs and /redoc work offline: every asset they load is served by the app itself."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.apptools import make_settings, serving
+
+
+async def test_docs_pages_load_nothing_from_another_host(tiny_models_dir: Path) -> None:
+    async with serving(make_settings(tiny_models_dir, warmup=False)) as (client, _):
+        for page in ("/docs", "/redoc"):
+            r = await client.get(page)
+            assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+            assert not re.search(r"(src|href)=[\"']?(https?:)?//", r.text), f"{page} loads from another host"
+            assets = re.findall(r"(?:src|href)=[\"']?(/[^\"' >]+)", r.text)
+            assert any(a.endswith(".js") for a in assets)
+            for asset in assets:
+                served = await client.get(asset)
+                assert served.status_code == 200 and len(served.content) > 100, asset
+        assert (await client.get("/docs-assets/../../etc/passwd")).status_code == 404
+        assert (await client.get("/docs-assets/nope.js")).status_code == 404
+        assert (await client.get("/openapi.json")).json()["info"]["title"] == "equiserve"
