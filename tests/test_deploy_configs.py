@@ -37,7 +37,7 @@ DASHBOARD = DASHBOARDS / "equiserve.json"
 
 CACHE_DIR = "/home/equiserve/.cache"
 
-# The metric names of ARCHITECTURE.md §6 as Prometheus exposes them. The lead also checks
+# The metric names (README.md, "Metrics") as Prometheus exposes them. The lead also checks
 # this set against app/metrics.py; keep the two in step.
 HISTOGRAMS = {
     "equiserve_request_duration_seconds",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from app.config import Settings
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def test_python_snippets_run() -> None:
@@ -23,6 +25,26 @@ def test_configuration_table_lists_every_setting() -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
-    command = re.search(r"python3 -m pytest[^\n`]*", README)
-    assert command is not None and command.group(0) in ci
+    """CI calls exactly the one test command the README gives a new user, and that command
+    installs what the tests need before it runs them."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    assert "./scripts/test\n" in commands
+    assert "exec ./scripts/test" in ci
+    script = (ROOT / "scripts" / "test").read_text()
+    assert "scripts/install --test" in script and "pytest" in script
+
+
+def test_the_docs_point_only_inside_the_repository() -> None:
+    """No file refers to the team's architecture notes, which live outside the repository,
+    and every relative link of the README and docs/ leads to a file that exists."""
+    outside = "ARCHITECTURE" + ".md"  # spelled apart so that this file does not match itself
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in tracked.split():
+        path = ROOT / name
+        if path.suffix in {".py", ".md", ".yml", ".yaml", ".json", ".toml", ""} and path.is_file():
+            text = path.read_text(errors="replace")
+            assert outside not in text, name
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
+            assert (doc.parent / target).exists(), f"{doc.name} links to a missing {target}"

@@ -33,6 +33,12 @@ class LambdaNet(nn.Module):
         # always runs in its own parameter dtype.
         return self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(-1)
 
+    @property
+    def is_constant(self) -> bool:
+        """Whether every copy gets the same weight whatever its features (the last layer's
+        weights are zero): λ-equitune is then equitune, trained or not."""
+        return bool((self.mlp[-1].weight == 0).all())
+
     @classmethod
     def constant(cls, feature_dim: int, hidden_dim: int = 100) -> LambdaNet:
         """A λ-net that gives every copy the same weight (λ-equitune == equitune)."""

@@ -132,7 +132,7 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
             backbone.encode, backbone.head, image_group(spec.group), lambda_net=lambda_net, zero_loss=spec.zero_loss
         ).eval()
         return cls(
-            spec, backbone, model, lambda_trained=spec.lambda_net is not None, device=device, dtype=backbone.dtype
+            spec, backbone, model, lambda_trained=not lambda_net.is_constant, device=device, dtype=backbone.dtype
         )
 
     @classmethod

@@ -95,7 +95,7 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
                 name, len(group.skipped), "; ".join(str(s) for s in group.skipped),
             )  # fmt: skip
         lambda_net = load_lambda_net(folder, spec, lm.hidden_size, device)
-        return cls(spec, lm, group, lambda_net, lambda_trained=spec.lambda_net is not None, device=device, dtype=dtype)
+        return cls(spec, lm, group, lambda_net, lambda_trained=not lambda_net.is_constant, device=device, dtype=dtype)
 
     @classmethod
     def weights_are_local(cls, spec: GenerateSpec) -> bool:
