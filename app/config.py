@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     )
     runtime: Runtime = Field(
         "auto",
-        description="what runs image backbones: auto = onnxruntime on the CPU (~3x faster there), torch on CUDA",
+        description="what runs image backbones: auto = onnxruntime on the CPU (faster there), torch on CUDA",
     )
     onnx_cache_dir: Path | None = Field(
         None, description="where ONNX exports are cached (default: $XDG_CACHE_HOME/equiserve/onnx)"

@@ -163,15 +163,20 @@ def server_factory(name: str, args: argparse.Namespace) -> Callable[[int], loadg
     env = loadgen.thread_env(args.threads)
     py = sys.executable
     model_args = ["--model", args.model] + (["--models-dir", str(args.models_dir)] if args.models_dir else [])
-    if name == "equiserve" or name.startswith("equiserve:"):
+    if name == "equiserve" or name.startswith(("equiserve:", "equiserve@")):
         extra = [*args.equiserve_args]
+        revision, cwd = None, REPO_ROOT
+        if "@" in name:  # "equiserve@REV": the same server at another git revision, in a worktree
+            revision = name.split("@", 1)[1]
+            cwd = benchlib.worktree(revision)
         if ":" in name:  # "equiserve:b4" -> max batch 4
             extra += ["--max-batch-size", name.split(":", 1)[1].removeprefix("b")]
         else:
             extra += ["--max-batch-size", str(args.max_batch_size)]
         extra += ["--max-wait-ms", str(args.max_wait_ms), "--runtime", args.runtime]
+        models_dir = args.models_dir or cwd / "models"
         return lambda port: loadgen.equiserve_server(
-            port, *extra, model=args.model, models_dir=args.models_dir, threads=args.threads, name=name
+            port, *extra, model=args.model, models_dir=models_dir, threads=args.threads, name=name, cwd=cwd
         )
     if name in ("naive", "naive-ort", "naive-async"):
         mode = "async" if name == "naive-async" else "sync"
@@ -185,7 +190,7 @@ def server_factory(name: str, args: argparse.Namespace) -> Callable[[int], loadg
         return lambda port: loadgen.ManagedServer(
             name, [*script, "--port", str(port)], port, ready_path="/health", env=env
         )
-    raise ValueError(f"unknown server {name!r}; choose from {ALL_SERVERS} or equiserve:bN")
+    raise ValueError(f"unknown server {name!r}; choose from {ALL_SERVERS}, equiserve:bN or equiserve@REV")
 
 
 def load_server(

@@ -146,3 +146,18 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def worktree(revision: str) -> Path:
+    """A checkout of ``revision`` (a git worktree under the system's temp folder, made once),
+    to run an earlier equiserve beside this one in the same benchmark run."""
+    import subprocess
+    import tempfile
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", revision], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    path = Path(tempfile.gettempdir()) / f"equiserve-{commit}"
+    if not (path / "app").is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=REPO_ROOT, check=True)
+    return path

@@ -693,8 +693,10 @@ def equiserve_server(
     device: str = "cpu",
     threads: int | None = None,
     name: str = "equiserve",
+    cwd: Path = REPO_ROOT,
 ) -> ManagedServer:
-    """``python -m app serve`` on 127.0.0.1 serving ``model``; ``extra`` are more serve flags."""
+    """``python -m app serve`` on 127.0.0.1 serving ``model``; ``extra`` are more serve flags.
+    ``cwd``: the checkout whose ``app`` runs (another revision's worktree, to compare)."""
     port = port or free_port()
     argv = [
         sys.executable,
@@ -714,7 +716,7 @@ def equiserve_server(
     ]
     if models_dir is not None:
         argv += ["--models-dir", str(models_dir)]
-    return ManagedServer(name, [*argv, *extra], port, env=thread_env(threads))
+    return ManagedServer(name, [*argv, *extra], port, env=thread_env(threads), cwd=cwd)
 
 
 def thread_env(threads: int | None) -> dict[str, str]:

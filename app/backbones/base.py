@@ -89,8 +89,8 @@ class ImageBackbone(nn.Module):
         self.to(device=device, dtype=dtype)
         # Normalisation runs in float32 on raw pixels, before the cast to the model dtype.
         self.mean, self.std = self.mean.float(), self.std.float()
-        # channels_last speeds convolutions up on CUDA and on the CPU too (EfficientNet-Lite0 at
-        # 224 px: 1.6x on this 2-core Xeon; up to 4-15x at 64 px), with outputs equal to ~1e-5.
+        # channels_last speeds convolutions up on CUDA and on the CPU too (depthwise ones most;
+        # bench/results/fused_cpu.json), with outputs equal up to float rounding.
         self.channels_last = channels_last
         if self.channels_last:
             self.to(memory_format=torch.channels_last)

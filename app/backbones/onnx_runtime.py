@@ -245,8 +245,7 @@ class OnnxBackbone(ImageBackbone):
 
     def release_memory(self) -> None:
         """Shrink onnxruntime's CPU arena. It keeps every buffer it ever grew for a batch shape
-        (2.2 GB after 128-image batches of EfficientNet-Lite0, against 0.6 GB loaded), and
-        only releases free ones at the end of a run that asks for it: one 1-image run does.
+        (several times the model's own memory after large batches), and only releases free ones at the end of a run that asks for it: one 1-image run does.
         The next large batch grows it again, once."""
         if self.device.type != "cpu":
             return

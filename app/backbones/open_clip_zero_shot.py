@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from .base import ImageBackbone
 
 # A short ensemble from CLIP's 80 ImageNet templates (all eight are in open_clip's
-# OPENAI_IMAGENET_TEMPLATES): the full 80 cost 10x the text passes per label set for a
-# fraction of a point of accuracy.
+# OPENAI_IMAGENET_TEMPLATES): the full 80 cost ten times the text passes per label set for
+# a fraction of a point of accuracy.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
     "a blurry photo of a {}.",
