@@ -245,8 +245,9 @@ class OnnxBackbone(ImageBackbone):
 
     def release_memory(self) -> None:
         """Shrink onnxruntime's CPU arena. It keeps every buffer it ever grew for a batch shape
-        (several times the model's own memory after large batches), and only releases free ones at the end of a run that asks for it: one 1-image run does.
-        The next large batch grows it again, once."""
+        (several times the model's own memory after large batches), and only releases free
+        ones at the end of a run that asks for it: one 1-image run does. The next large batch
+        grows it again, once."""
         if self.device.type != "cpu":
             return
         import onnxruntime as ort
