@@ -49,25 +49,37 @@ from benchlib import REPO_ROOT, RESULTS_DIR
 DEFAULT_OUT = RESULTS_DIR / "service_cpu.json"
 MODEL = loadgen.DEFAULT_MODEL
 METHOD = "equitune"
-ALL_SERVERS = ("equiserve", "naive", "naive-ort", "naive-async", "litserve")
+# "engine": equiserve's Engine in this process, no HTTP (what the HTTP layer costs is the difference)
+ALL_SERVERS = ("equiserve", "engine", "naive", "naive-ort", "naive-async", "litserve")
 
 
 # -- 1. the raw ceiling --------------------------------------------------------------------------
 
 
+def engine_settings(model: str, models_dir: Path | None, runtime: str, **overrides: Any) -> Any:
+    """The settings the served equiserve runs with, for an ``Engine`` in this process."""
+    from app.config import DEFAULT_MODELS_DIR, Settings
+
+    return Settings(
+        models=[model], models_dir=models_dir or DEFAULT_MODELS_DIR, device="cpu", runtime=runtime, **overrides
+    )
+
+
 class RawBench:
-    """The served model in this process: ``ClassifyModel`` on preprocessed real photos, no HTTP."""
+    """The served model in this process (loaded by the engine, as the server loads it): its
+    fused batch function on preprocessed real photos, no HTTP, no queue."""
 
     def __init__(
         self, photos: Sequence[loadgen.Photo], model: str, models_dir: Path | None, runtime: str = "auto"
     ) -> None:
-        from app.config import DEFAULT_MODELS_DIR
-        from app.engine.registry import load_model
+        from app.engine.engine import Engine
         from app.equivariance import Method
         from app.tasks.classify.decode import decode_image
         from app.tasks.classify.model import ImageItem
 
-        self.loaded = load_model(models_dir or DEFAULT_MODELS_DIR, model, "cpu", "float32", runtime=runtime)
+        engine = Engine(engine_settings(model, models_dir, runtime, warmup=False))
+        engine.load()
+        self.loaded = engine.models[model]
         pixels = [
             self.loaded.preprocess(
                 decode_image(p.data, max_pixels=50_000_000, min_side=self.loaded.backbone.input_size)
@@ -156,6 +168,71 @@ def raw_rps_at(raw: dict[str, Any], batch_size: float) -> float | None:
 
 
 # -- 2/3. servers under load ---------------------------------------------------------------------------
+
+
+async def engine_closed_loop(
+    engine: Any, model: str, photos: Sequence[loadgen.Photo], concurrency: int, duration_s: float, warmup_s: float
+) -> loadgen.LoadResult:
+    """The closed loop of ``loadgen.run_closed_loop``, against ``Engine.infer`` in this process:
+    the same photos, method and admission, without HTTP (what the HTTP layer costs is the
+    difference to the served segment)."""
+    from app.tasks.classify.messages import ClassifyRequest, EncodedImage
+
+    records: list[loadgen.Record] = []
+    started = time.perf_counter()
+    cpu_before = time.process_time()
+    counter = itertools.count()
+
+    async def worker(w: int) -> None:
+        while time.perf_counter() - started < duration_s:
+            i = next(counter)
+            photo = photos[i % len(photos)]
+            request = ClassifyRequest([EncodedImage(photo.data, "image/jpeg")], METHOD, 3)
+            t0 = time.perf_counter()
+            rid = f"engine-{i}"
+            try:
+                timing = (await engine.infer(model, "classify", request, request_id=rid)).timing
+            except Exception as exc:  # an engine error: no answer, counted like a transport error
+                records.append(loadgen.Record(rid, "engine", t0 - started, time.perf_counter() - t0, 0, False,
+                                              error=type(exc).__name__))  # fmt: skip
+                continue
+            latency = time.perf_counter() - t0
+            records.append(
+                loadgen.Record(rid, "engine", t0 - started, latency, 200, True, batch_size=timing.batch_size,
+                               queue_ms=timing.queue_s * 1e3, inference_ms=timing.inference_s * 1e3)
+            )  # fmt: skip
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return loadgen.LoadResult(
+        "closed", "engine", duration_s, warmup_s, records, time.perf_counter() - started,
+        time.process_time() - cpu_before,
+    )  # fmt: skip
+
+
+def load_engine(args: argparse.Namespace, photos: Sequence[loadgen.Photo]) -> dict[str, Any]:
+    """Every concurrency level against an ``Engine`` in this process (``--servers engine``)."""
+    from app.engine.engine import Engine
+
+    engine = Engine(
+        engine_settings(args.model, args.models_dir, args.runtime, max_batch_size=args.max_batch_size,
+                        max_wait_ms=args.max_wait_ms)
+    )  # fmt: skip
+
+    async def run() -> list[dict[str, Any]]:
+        await engine.start()
+        try:
+            segments = []
+            for concurrency in args.concurrency:
+                print(f"[engine] concurrency {concurrency} for {args.duration:.0f} s ...", file=sys.stderr, flush=True)
+                load_before = benchlib.load_average()
+                result = await engine_closed_loop(engine, args.model, photos, concurrency, args.duration, args.warmup)
+                summary = {**result.summary(), "load_average_before": load_before}
+                segments.append({"concurrency": concurrency, **summary, "load_average_after": benchlib.load_average()})
+            return segments
+        finally:
+            await engine.stop()
+
+    return {"server": "engine", "argv": ["in process: Engine.infer"], "segments": asyncio.run(run())}
 
 
 def server_factory(name: str, args: argparse.Namespace) -> Callable[[int], loadgen.ManagedServer]:
@@ -325,6 +402,7 @@ def analyse(raw: dict[str, Any], servers: Sequence[dict[str, Any]], concurrencie
     naive = by_concurrency(servers, "naive")
     naive_ort = by_concurrency(servers, "naive-ort")
     lit = by_concurrency(servers, "litserve")
+    in_process = by_concurrency(servers, "engine")
     raw_b1 = next((r for r in raw["results"] if r["batch_size"] == 1), None)
     ratios = []
     for c in concurrencies:
@@ -341,7 +419,8 @@ def analyse(raw: dict[str, Any], servers: Sequence[dict[str, Any]], concurrencie
                 row["service_over_raw"] = round(seg["throughput_rps"] / paired["requests_per_s"], 3)
             if swept:
                 row["service_over_raw_sweep"] = round(seg["throughput_rps"] / swept, 3)
-            for peer_name, peer in (("naive", naive), ("naive_ort", naive_ort), ("litserve", lit)):
+            peers = (("naive", naive), ("naive_ort", naive_ort), ("litserve", lit), ("engine", in_process))
+            for peer_name, peer in peers:
                 if c in peer and peer[c]["throughput_rps"]:
                     row[f"service_over_{peer_name}"] = round(seg["throughput_rps"] / peer[c]["throughput_rps"], 3)
                     # On a shared machine a server with more runnable threads gets a bigger CPU
@@ -423,7 +502,8 @@ def print_report(report: dict[str, Any]) -> None:
     for entry in report["servers"]:
         for seg in entry["segments"]:
             row = loadgen.summary_row(f"{entry['server']} c={seg['concurrency']}", seg)
-            row.append(f"{seg['server_cpu_fraction'] * 100:.0f}%")
+            cpu = seg.get("server_cpu_fraction")
+            row.append(f"{cpu * 100:.0f}%" if cpu is not None else "-")
             row.append(" ".join(str(v) for v in seg["load_average_before"] or []))
             rows.append(row)
     benchlib.print_table(
@@ -549,7 +629,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = RawBench(photos, args.model, args.models_dir, args.runtime)
         raw = bench.sweep(args.raw_batch_sizes, rounds=args.raw_rounds, budget_s=args.raw_budget_s)
     profile_dir = args.out.parent / "profiles" if args.profile else None
-    servers = [load_server(name, args, templates, profile_dir, bench) for name in args.servers]
+    servers = [
+        load_engine(args, photos) if name == "engine" else load_server(name, args, templates, profile_dir, bench)
+        for name in args.servers
+    ]
 
     report = benchlib.report_header("bench_service", started, args.note, load_start)
     report["config"] = {

@@ -49,6 +49,7 @@ def test_bench_service_smoke(tmp_path: Path, tiny_dir: Path) -> None:
         str(tiny_dir),
         "--servers",
         "equiserve",
+        "engine",
         "naive",
         "naive-ort",
         "--concurrency",
@@ -75,9 +76,10 @@ def test_bench_service_smoke(tmp_path: Path, tiny_dir: Path) -> None:
         str(out),
     )
     report = read(out)
-    assert [s["server"] for s in report["servers"]] == ["equiserve", "naive", "naive-ort"]
+    assert [s["server"] for s in report["servers"]] == ["equiserve", "engine", "naive", "naive-ort"]
     assert report["raw_ceiling"]["info"]["runtime"] == "onnxruntime"  # the default, as served
-    assert "--runtime" in report["servers"][0]["argv"] and "onnxruntime" in report["servers"][2]["argv"]
+    assert "--runtime" in report["servers"][0]["argv"] and "onnxruntime" in report["servers"][3]["argv"]
+    assert all(r.get("service_over_engine") for r in report["analysis"]["ratios"])  # HTTP vs in process
     for server in report["servers"]:
         for segment in server["segments"]:
             assert segment["transport_errors"] == 0 and segment["ok"] > 0
