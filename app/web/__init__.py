@@ -1,0 +1,1 @@
+"""The web page's static files (``static/``), served by ``app.api.web``."""
