@@ -14,6 +14,7 @@ from app.api.errors import install_error_handlers
 from app.api.generate import build_generate_router
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import build_router
+from app.api.v2 import build_v2_router
 from app.api.web import build_web_router
 from app.config import Settings
 from app.engine.engine import Engine
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         build_router(),
         build_classify_router(),
         build_generate_router(),
+        build_v2_router(),
         build_docs_router(),
         build_web_router(),
     ):

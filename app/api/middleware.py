@@ -20,7 +20,11 @@ from app.tasks import TASKS
 
 log = logging.getLogger("equiserve.access")
 
-INFERENCE_PATH = re.compile(rf"^/v1/models/(?P<model>[^/]+)/(?P<endpoint>{'|'.join(TASKS)})$")
+# /v1/models/{name}/{task} and the Open Inference Protocol's /v2/models/{name}[/versions/{v}]/infer
+INFERENCE_PATH = re.compile(
+    rf"^/v1/models/(?P<model>[^/]+)/(?P<endpoint>{'|'.join(TASKS)})$"
+    r"|^/v2/models/(?P<v2model>[^/]+)(?:/versions/[^/]+)?/(?P<v2endpoint>infer)$"
+)
 # Probes and scrapes come every few seconds: their access lines are DEBUG, not INFO.
 QUIET_PATHS = ("/health/", "/v2/health/", "/metrics")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -96,14 +100,19 @@ class RequestContextMiddleware:
         finally:
             status, seconds, path = status_holder["status"], time.perf_counter() - started, scope.get("path", "")
             if match is not None:
-                model = match["model"] if match["model"] in self.served_models() else "unknown"
-                self.metrics.requests.labels(model, match["endpoint"], str(status)).inc()
-                self.metrics.request_duration.labels(model, match["endpoint"]).observe(seconds)
+                model, endpoint = self._labels(match)
+                self.metrics.requests.labels(model, endpoint, str(status)).inc()
+                self.metrics.request_duration.labels(model, endpoint).observe(seconds)
             # The one access line of a request (uvicorn's own is off): ids, route, sizes and
             # outcome only, never image bytes, labels or prompts.
             level = logging.DEBUG if path.startswith(QUIET_PATHS) else logging.INFO
             log.log(level, "request_id=%s %s %s status=%d bytes=%d ms=%.1f",
                     request_id, scope.get("method", "-"), path, status, received, seconds * 1000)  # fmt: skip
+
+    def _labels(self, match: re.Match[str]) -> tuple[str, str]:
+        """(model, endpoint) labels; names that are not served count as "unknown" (bounded series)."""
+        name, endpoint = match["model"] or match["v2model"], match["endpoint"] or match["v2endpoint"]
+        return (name if name in self.served_models() else "unknown"), endpoint
 
     async def _reject(self, scope: Scope, send: Send, request_id: str) -> None:
         body, headers = error_json(
@@ -111,8 +120,8 @@ class RequestContextMiddleware:
         )
         match = INFERENCE_PATH.match(scope.get("path", ""))
         if match is not None:
-            model = match["model"] if match["model"] in self.served_models() else "unknown"
-            self.metrics.requests.labels(model, match["endpoint"], "413").inc()
+            model, endpoint = self._labels(match)
+            self.metrics.requests.labels(model, endpoint, "413").inc()
             self.metrics.rejected.labels(model, "too_large").inc()
         await send({"type": "http.response.start", "status": 413, "headers": [*headers, (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})

@@ -14,20 +14,21 @@ from .schemas import Health, ModelCard, ModelList
 def build_router() -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health/live", response_model=Health, tags=["health"])
-    @router.get("/v2/health/live", response_model=Health, tags=["health"], include_in_schema=False)
+    @router.get("/health/live", response_model=Health, response_model_exclude_none=True, tags=["health"])
+    @router.get("/v2/health/live", response_model=Health, response_model_exclude_none=True, include_in_schema=False)
     async def live() -> Health:
-        return Health(status="ok")
+        return Health(status="ok", live=True)
 
     @router.get("/health/ready", response_model=Health, tags=["health"], responses={503: {"model": Health}})
     @router.get("/v2/health/ready", response_model=Health, tags=["health"], include_in_schema=False)
     async def ready(request: Request) -> Response:
         engine = engine_of(request)
+        # "ready" is the field the Open Inference Protocol's clients read; "status" says why.
         if engine.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
+            return JSONResponse({"status": "draining", "ready": False}, status_code=503)
         if not engine.ready:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "loading", "ready": False}, status_code=503)
+        return JSONResponse({"status": "ok", "ready": True})
 
     @router.get("/v1/models", response_model=ModelList, response_model_exclude_unset=True, tags=["models"])
     async def models(request: Request) -> ModelList:

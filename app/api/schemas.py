@@ -99,3 +99,5 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: str = Field(examples=["ok", "loading", "draining"])
+    live: bool | None = Field(None, description="GET /health/live: the process runs (Open Inference Protocol)")
+    ready: bool | None = Field(None, description="GET /health/ready: every model loaded and warmed up")

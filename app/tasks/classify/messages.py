@@ -20,13 +20,24 @@ class EncodedImage:
 
 
 @dataclass(frozen=True)
-class ClassifyRequest:
-    """``images``: encoded files, or decoded ``uint8 [H, W, 3]`` RGB arrays (in-process callers)."""
+class Pixels:
+    """An image already decoded and scaled: ``float32 [3, H, W]`` RGB in ``[0, 1]``. It is
+    centre-cropped and resized to the model's input size exactly as a decoded file is (no
+    resize when ``H = W =`` the input size), so ``uint8`` pixels / 255 answer as their file does."""
 
-    images: Sequence[EncodedImage | np.ndarray]
+    array: np.ndarray
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """``images``: encoded files, decoded ``uint8 [H, W, 3]`` RGB arrays (in-process callers),
+    or ``Pixels``."""
+
+    images: Sequence[EncodedImage | np.ndarray | Pixels]
     method: str | None = None
     top_k: int | None = None
     labels: Sequence[str] | None = None  # zero-shot models: the label set to choose from
+    probabilities: bool = False  # also return every label's probability (ImageResult.probabilities)
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class TransformDiagnostics:
     weight: float  # normalised weight of this copy in the answer (λ for the lambda method)
     top_label: str
     top_score: float
+    top_index: int  # index of top_label in the label set
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class ImageResult:
     transforms: list[TransformDiagnostics]
     selected_transform: str | None
     lambda_entropy: float  # of the λ-net's normalised weights, whatever the method
+    probabilities: np.ndarray | None = None  # float32 [K], every label's; only when the request asked
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from app.backbones.factory import create_backbone
 from app.backbones.factory import weights_are_local as backbone_is_local
 from app.backbones.onnx_cache import can_export, onnx_backbone
 from app.backbones.onnx_runtime import OnnxBackbone
-from app.backbones.preprocess import pixels_from_uint8
+from app.backbones.preprocess import pixels_from_uint8, resize_center_crop
 from app.engine.errors import InvalidInput, TooLarge
 from app.engine.registry import (
     ModelLoadError,
@@ -44,6 +44,7 @@ from .messages import (
     ClassifyRequest,
     EncodedImage,
     ImageResult,
+    Pixels,
     Prediction,
     TransformDiagnostics,
 )
@@ -62,11 +63,12 @@ FILE_OPTIONS = ("weights_path", "checkpoint", "path")  # backbone options naming
 class ImagePiece:
     """One image of a request, not yet decoded, with what its request asked for."""
 
-    image: EncodedImage | np.ndarray
+    image: EncodedImage | np.ndarray | Pixels
     method: Method
     top_k: int
     labels: tuple[str, ...] | None
     max_pixels: int
+    probabilities: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class ImageItem:
     method: Method
     top_k: int
     labels: tuple[str, ...] | None = None  # zero-shot label set; None = the model's own
+    probabilities: bool = False  # the result carries every label's probability
 
 
 class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageResult, ClassifyOutput]):
@@ -179,7 +182,21 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
         top_k = min(DEFAULT_TOP_K, num_labels) if request.top_k is None else request.top_k
         if not 1 <= top_k <= num_labels:
             raise InvalidInput(f"top_k must be between 1 and {num_labels}")
-        return [ImagePiece(image, method, top_k, labels, settings.max_pixels) for image in request.images]
+        for image in request.images:
+            if isinstance(image, Pixels):
+                self._check_pixels_shape(image.array, settings.max_pixels)
+        return [
+            ImagePiece(image, method, top_k, labels, settings.max_pixels, request.probabilities)
+            for image in request.images
+        ]
+
+    @staticmethod
+    def _check_pixels_shape(array: np.ndarray, max_pixels: int) -> None:
+        if array.dtype != np.float32 or array.ndim != 3 or array.shape[0] != 3 or 0 in array.shape:
+            raise InvalidInput(f"pixels must be float32 [3, H, W], not {array.dtype} {list(array.shape)}")
+        height, width = array.shape[1:]
+        if height * width > max_pixels:
+            raise TooLarge(f"pixels are {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
 
     def _label_set(self, labels: Sequence[str] | None, settings: Settings) -> tuple[str, ...] | None:
         if labels is None:
@@ -202,6 +219,9 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
     def prepare(self, piece: ImagePiece) -> ImageItem:
         """Decode (JPEGs at a reduced DCT scale where the input size allows) and preprocess."""
         image = piece.image
+        if isinstance(image, Pixels):
+            pixels = self.preprocess_pixels(image.array)
+            return ImageItem(pixels, piece.method, piece.top_k, piece.labels, piece.probabilities)
         if isinstance(image, EncodedImage):
             image = decode_image(
                 image.data,
@@ -209,11 +229,19 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
                 min_side=self.backbone.input_size,
                 content_type=image.content_type,
             )
-        return ImageItem(self.preprocess(image), piece.method, piece.top_k, piece.labels)
+        return ImageItem(self.preprocess(image), piece.method, piece.top_k, piece.labels, piece.probabilities)
 
     def preprocess(self, image: np.ndarray) -> Tensor:
         """``uint8 [H, W, 3]`` -> ``[3, S, S]`` float."""
         return pixels_from_uint8(image, self.backbone.input_size)
+
+    def preprocess_pixels(self, pixels: np.ndarray) -> Tensor:
+        """``float32 [3, H, W]`` in ``[0, 1]`` -> ``[3, S, S]``: the crop and resize of ``preprocess``."""
+        # NaN fails both comparisons: one pass refuses non-finite values and values out of range.
+        if not ((pixels >= 0) & (pixels <= 1)).all():
+            raise InvalidInput("pixels must be finite and in [0, 1] (RGB / 255, not normalised)")
+        tensor = torch.from_numpy(np.array(pixels, dtype=np.float32, copy=True))
+        return resize_center_crop(tensor, self.backbone.input_size).contiguous()
 
     def respond(self, request: ClassifyRequest, results: list[ImageResult], timing: Timing) -> ClassifyOutput:
         method = self.spec.resolve_method(request.method)
@@ -246,7 +274,7 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
                 index = torch.tensor(rows, device=features.device)
                 aligned = self.model.heads(features.index_select(1, index), head).float()  # [n, b, K]
                 copy_scores, copy_top = aligned.softmax(-1).max(-1)  # what each copy predicted
-                copy_scores, copy_top = copy_scores.cpu(), copy_top.cpu()
+                copy_scores, copy_top = copy_scores.cpu().tolist(), copy_top.cpu().tolist()
                 sub_log_lambda = log_lambda.index_select(1, index)
                 by_method: dict[Method, list[int]] = defaultdict(list)
                 for j, row in enumerate(rows):
@@ -260,8 +288,10 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
                         zero_loss=self.model.zero_loss,
                     )
                     k = min(max(items[rows[j]].top_k for j in cols), len(label_names))
-                    top_scores, top_index = combined.output.softmax(-1).topk(k, dim=-1)
+                    probabilities = combined.output.softmax(-1)
+                    top_scores, top_index = probabilities.topk(k, dim=-1)
                     top_scores, top_index = top_scores.cpu().tolist(), top_index.cpu().tolist()
+                    full = probabilities.cpu().numpy() if any(items[rows[j]].probabilities for j in cols) else None
                     weights = combined.weights.cpu().T.tolist()  # [b, n]
                     selected = combined.selected.cpu().tolist() if combined.selected is not None else None
                     for c, j in enumerate(cols):
@@ -272,7 +302,7 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
                         ]
                         transforms = [
                             TransformDiagnostics(
-                                names[g], weights[c][g], label_names[int(copy_top[g, j])], float(copy_scores[g, j])
+                                names[g], weights[c][g], label_names[copy_top[g][j]], copy_scores[g][j], copy_top[g][j]
                             )
                             for g in range(len(names))
                         ]
@@ -281,6 +311,7 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
                             transforms,
                             names[selected[c]] if selected is not None else None,
                             entropies[rows[j]],
+                            full[c] if full is not None and item.probabilities else None,
                         )
             except Exception as exc:  # one label set failing must not fail the rest of the batch
                 for row in rows:
