@@ -436,7 +436,8 @@ def test_v2_inference_is_counted_and_health_reads_as_the_protocol_says(server: s
         line = next((x for x in text.splitlines() if x.startswith(f"equiserve_requests_total{{{labels}}}")), None)
         return float(line.split()[-1]) if line else 0.0
 
-    assert count(after, 'endpoint="infer",model="tiny",status="200"') == count(before, 'endpoint="infer",model="tiny",status="200"') + 1  # noqa: E501
+    ok = 'endpoint="infer",model="tiny",status="200"'
+    assert count(after, ok) == count(before, ok) + 1
     assert count(after, 'endpoint="infer",model="unknown",status="404"') >= 1
     assert httpx.get(f"{server}/v2/health/live").json() == {"status": "ok", "live": True}
     assert httpx.get(f"{server}/v2/health/ready").json() == {"status": "ok", "ready": True}
