@@ -75,6 +75,32 @@ class Settings(BaseSettings):
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and resizing images")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
+    # Ray Serve: `serve --ray` serves the same HTTP contract through Ray Serve replicas, each one
+    # Engine (app/ray_serve.py; docs/deploy.md). Ignored without --ray.
+    ray: bool = Field(False, description="serve through Ray Serve: engine replicas behind Ray's proxy on host:port")
+    ray_address: str | None = Field(
+        None, description="join this Ray cluster ('auto' or host:port of its GCS); default: start a local one"
+    )
+    replicas: int = Field(1, ge=1, description="Ray Serve replicas, each one engine (the start count when autoscaling)")
+    min_replicas: int | None = Field(None, ge=0, description="autoscaling: fewest replicas (default 1)")
+    max_replicas: int | None = Field(None, ge=1, description="autoscaling: most replicas; setting it turns it on")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="autoscaling: ongoing requests per replica that Ray Serve scales towards"
+    )
+    max_ongoing_requests: int = Field(
+        64,
+        ge=1,
+        description="requests Ray Serve sends one replica at a time (more wait in its proxy); at least "
+        "max_batch_size, or batches never fill",
+    )
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica (and its default torch_threads)")
+    ray_metrics_dir: Path | None = Field(
+        None,
+        description="folder where `serve --ray` keeps Prometheus file_sd targets: equiserve_replicas.json "
+        "(each replica's metrics listener) and ray_nodes.json (Ray's metrics agents); default: "
+        "<temp dir>/equiserve-prometheus",
+    )
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:

@@ -56,7 +56,12 @@ def configure_server_logging(level: str) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_server_logging(settings.log_level)
-    code = serve(settings)
+    if settings.ray:  # Ray Serve replicas of the same app (app/ray_serve.py)
+        from app.ray_serve import serve_on_ray
+
+        code = serve_on_ray(settings)
+    else:
+        code = serve(settings)
     # The drain is done and every answer sent. Tearing down the interpreter (torch's and
     # onnxruntime's destructors, module by module) takes seconds and serves no one, while an
     # orchestrator waits for the exit to start the next replica: exit now, logs flushed.
