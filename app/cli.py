@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "app.serving",
     "app.training.cli",
     "app.training.text_cli",
+    "app.training.dqn_cli",
 )
 
 

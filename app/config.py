@@ -73,6 +73,7 @@ class Settings(BaseSettings):
         "answers and sheds first when the CPU is short; 0 = same priority",
     )
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and resizing images")
+    max_observations: int = Field(256, ge=1, description="act: environment states per request (422)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     # Ray Serve: `serve --ray` serves the same HTTP contract through Ray Serve replicas, each one

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api.act import build_act_router
 from app.api.classify import build_classify_router
 from app.api.docs import build_docs_router
 from app.api.errors import install_error_handlers
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         build_router(),
         build_classify_router(),
         build_generate_router(),
+        build_act_router(),
         build_v2_router(),
         build_docs_router(),
         build_web_router(),

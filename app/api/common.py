@@ -113,3 +113,12 @@ def timing_body(timing: Timing) -> dict[str, Any]:
         "inference_ms": timing.inference_s * 1000,
         "batch_size": timing.batch_size,
     }
+
+
+def already_read(body: T) -> Callable[[], Awaitable[T]]:
+    """A body reader for ``until_disconnected`` when FastAPI has read and validated the body."""
+
+    async def read() -> T:
+        return body
+
+    return read

@@ -20,7 +20,7 @@ from app.engine.engine import StreamEvent
 from app.engine.errors import EngineError
 from app.tasks.generate.messages import GenerateOutput, GenerateRequest
 
-from .common import engine_of, error_responses, require_api_key, timing_body, until_disconnected
+from .common import already_read, engine_of, error_responses, require_api_key, timing_body, until_disconnected
 
 ERRORS = error_responses(
     e400="the body is not valid JSON",
@@ -137,12 +137,11 @@ def build_generate_router() -> APIRouter:
         engine, request_id = engine_of(request), request.state.request_id
         generate_request = GenerateRequest(**body.model_dump(exclude={"stream"}))
 
-        async def parsed() -> GenerateRequest:  # FastAPI has read and validated the body already
-            return generate_request
-
         if not body.stream:
             output = await until_disconnected(
-                request, lambda read: engine.infer(name, "generate", read, request_id=request_id), parsed
+                request,
+                lambda read: engine.infer(name, "generate", read, request_id=request_id),
+                already_read(generate_request),
             )
             return JSONResponse(generate_response(output))
         events = engine.stream(name, "generate", generate_request, request_id=request_id)

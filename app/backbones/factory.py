@@ -13,6 +13,7 @@ FAMILIES: dict[str, str] = {
     "open_clip": "classify",
     "onnx": "classify",
     "causal_lm": "generate",
+    "mlp": "act",  # app.tasks.act.qnet.QNet
 }
 
 

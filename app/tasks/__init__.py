@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 TASKS: dict[str, str] = {
     "classify": "app.tasks.classify.model:ClassifyModel",
     "generate": "app.tasks.generate.model:GenerateModel",
+    "act": "app.tasks.act.task:ActModel",
 }
 
 
