@@ -131,7 +131,8 @@ def test_fused_pass_equals_the_per_copy_loop(env_id: str, method: Method) -> Non
 def test_vanilla_is_the_plain_network() -> None:
     model = _model("Acrobot-v1")
     x = _states("Acrobot-v1", 8)
-    assert torch.equal(model.predict(x, Method.VANILLA).output, model.head(model.encoder(x)))
+    # the fused pass runs more rows than the plain call, so BLAS may round differently
+    torch.testing.assert_close(model.predict(x, Method.VANILLA).output, model.head(model.encoder(x)))
 
 
 def test_equizero_picks_the_copy_with_the_largest_q_value() -> None:
