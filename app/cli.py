@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "app.training.cli",
     "app.training.text_cli",
     "app.training.dqn_cli",
+    "app.training.scan_cli",
 )
 
 

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     )
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and resizing images")
     max_observations: int = Field(256, ge=1, description="act: environment states per request (422)")
+    max_commands: int = Field(64, ge=1, description="translate: commands per request (413)")
+    max_command_words: int = Field(9, ge=1, description="translate: words per command (422); SCAN's longest has 9")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     # Ray Serve: `serve --ray` serves the same HTTP contract through Ray Serve replicas, each one

@@ -14,6 +14,7 @@ FAMILIES: dict[str, str] = {
     "onnx": "classify",
     "causal_lm": "generate",
     "mlp": "act",  # app.tasks.act.qnet.QNet
+    "seq2seq": "translate",  # app.tasks.translate.seq2seq.Seq2Seq
 }
 
 

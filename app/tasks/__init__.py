@@ -17,6 +17,7 @@ TASKS: dict[str, str] = {
     "classify": "app.tasks.classify.model:ClassifyModel",
     "generate": "app.tasks.generate.model:GenerateModel",
     "act": "app.tasks.act.task:ActModel",
+    "translate": "app.tasks.translate.model:TranslateModel",
 }
 
 
