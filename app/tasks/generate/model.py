@@ -90,10 +90,12 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
         except TextGroupError as exc:
             raise ModelLoadError(f"{name}: text group {spec.group!r}: {exc}") from exc
         if group.skipped:
-            log.warning(
-                "%s: %d word forms are split by the tokenizer and left unswapped (on_multi_token: skip): %s",
-                name, len(group.skipped), "; ".join(str(s) for s in group.skipped),
+            # What the entry asked for (on_multi_token: skip), so one line at start; the list is for debugging.
+            log.info(
+                "%s: %d word forms are split by the tokenizer and left unswapped (on_multi_token: skip), e.g. %s",
+                name, len(group.skipped), "; ".join(str(s) for s in group.skipped[:2]),
             )  # fmt: skip
+            log.debug("%s: unswapped word forms: %s", name, "; ".join(str(s) for s in group.skipped))
         lambda_net = load_lambda_net(folder, spec, lm.hidden_size, device)
         return cls(spec, lm, group, lambda_net, lambda_trained=not lambda_net.is_constant, device=device, dtype=dtype)
 
