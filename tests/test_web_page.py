@@ -30,7 +30,7 @@ import pytest
 from apptools import ROOT, ServerProcess, free_port, start_server, wait_ready
 
 INSIDE = os.environ.get("EQUISERVE_WEB_NETNS") == "1"
-INNER_TESTS = 10  # browser checks below; the outer test makes sure all of them ran and passed
+INNER_TESTS = 12  # browser checks below; the outer test makes sure all of them ran and passed
 
 if not INSIDE:
 
@@ -108,14 +108,16 @@ else:
     @pytest.fixture(scope="module", autouse=True)
     def server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServerProcess]]:
         """``python -m app serve`` with tiny models (c4 with a trained λ-net, d4, a language
-        model) and the real ImageNet EfficientNet (its model.yaml; the weights come from pip).
+        model), the real ImageNet EfficientNet (its model.yaml; the weights come from pip) and
+        the shipped SCAN translator and CartPole agent.
         Started first, so that it loads while the fake server's tests run."""
         models = tmp_path_factory.mktemp("web-models")
         write_tiny_model(models)
         write_tiny_model(models, "tiny-d4", group="d4")
         write_tiny_lm(models)
         write_tiny_clip(models)
-        shutil.copytree(ROOT / "models" / "imagenet-effnet-c4", models / "imagenet-effnet-c4")
+        for name in ("imagenet-effnet-c4", "scan-gru-addjump-verb", "dqn-cartpole"):
+            shutil.copytree(ROOT / "models" / name, models / name)
         port = free_port()
         process = start_server(models, port, "--runtime", "torch", "--max-batch-size", "2")
         try:
@@ -139,8 +141,9 @@ else:
         assert response.status_code == 200, response.text
         return response.json()["results"][0]
 
-    # A fake server for the panels of tasks this tree does not serve yet: the contracts of
-    # issues 13 (translate) and 14 (act), with consistent answers, behind an API key.
+    # A fake server for the translate and act panels, behind an API key: answers the page can be
+    # checked against exactly (SCAN's own interpretation, an analytic CartPole controller whose
+    # every observation the fake records). The shipped models drive the same panels below.
     FAKE_KEY = "sesame"
     SCAN_WORDS = {"walk": "I_WALK", "look": "I_LOOK", "run": "I_RUN", "jump": "I_JUMP"}
     SCAN_VOCABULARY = {*SCAN_WORDS, "turn", "left", "right", "opposite", "around", "twice", "thrice", "and", "after"}
@@ -432,6 +435,43 @@ else:
         assert driver.execute_script("return localStorage.length") == 0
         driver.execute_script("sessionStorage.clear()")
 
+    # -- translate and act, on the shipped models ---------------------------------------------
+
+    def test_translate_panel_shows_what_the_served_model_answers(
+        driver: WebDriver, server: str, console: list[str]
+    ) -> None:
+        open_page(driver, server, "scan-gru-addjump-verb")
+        driver.find_element(By.CSS_SELECTOR, "#translate-form button[type=submit]").click()
+        wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="translation"]')) == 2)
+        commands = ["jump twice after walk left", "run around right"]  # the form's example commands
+        expected = httpx.post(f"{server}/v1/models/scan-gru-addjump-verb/translate", timeout=60,
+                              json={"commands": commands, "method": "equizero"}).json()  # fmt: skip
+        blocks = driver.find_elements(By.CSS_SELECTOR, '[data-testid="translation"]')
+        for block, result in zip(blocks, expected["results"], strict=True):
+            assert block.find_element(By.CSS_SELECTOR, '[data-testid="actions"]').text == result["actions"]
+            cards = block.find_elements(By.CSS_SELECTOR, '[data-testid="copy"]')
+            assert [(c.get_attribute("data-transform"), float(c.get_attribute("data-lambda"))) for c in cards] == [
+                (t["name"], t["lambda"]) for t in result["transforms"]
+            ]
+            chosen = [c.get_attribute("data-transform") for c in cards if "selected" in c.get_attribute("class")]
+            assert chosen == [result["selected_transform"]]
+        assert "run twice after walk left" in blocks[0].text  # the swapped copy's command
+
+    def test_act_panel_balances_the_pole_with_the_served_agent(
+        driver: WebDriver, server: str, console: list[str]
+    ) -> None:
+        open_page(driver, server, "dqn-cartpole")
+        Select(driver.find_element(By.ID, "episode-speed")).select_by_value("0")
+        driver.find_element(By.ID, "episode-play").click()
+        status = driver.find_element(By.CSS_SELECTOR, '[data-testid="episode"]')
+        wait_for(driver, lambda d: status.get_attribute("data-done") == "true", timeout=120)
+        # The shipped agent solves CartPole (greedy return 500 on 20 seeded gymnasium episodes), and
+        # the page's CartPole is gymnasium's (the test above): it must solve the page's episode too.
+        steps = int(status.get_attribute("data-steps"))
+        assert steps >= 475 and f"return {steps}" in status.text
+        cards = driver.find_elements(By.CSS_SELECTOR, '#act-copies [data-testid="copy"]')
+        assert [c.get_attribute("data-transform") for c in cards] == ["identity", "reflect"]
+
     # -- classify ------------------------------------------------------------------------------
 
     def test_classify_shows_what_the_api_answers(
@@ -439,7 +479,9 @@ else:
     ) -> None:
         open_page(driver, server, "tiny")
         options = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "select[name=model] option")]
-        assert sorted(options) == ["imagenet-effnet-c4", "tiny", "tiny-d4", "tinyclip", "tinylm"]
+        assert sorted(options) == [
+            "dqn-cartpole", "imagenet-effnet-c4", "scan-gru-addjump-verb", "tiny", "tiny-d4", "tinyclip", "tinylm",
+        ]  # fmt: skip
         assert not driver.find_element(By.ID, "labels").is_displayed()  # fixed labels
         assert driver.find_element(By.ID, "classify").is_displayed()
         for panel in ("generate", "translate", "act"):  # no such model is served here

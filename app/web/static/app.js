@@ -477,15 +477,19 @@ const classifyPanel = (() => {
 })();
 
 // ---------------------------------------------------------------------------------------------
-// word swaps, shown client-side from the transform's name ("swap:man<->woman", "cycle:a->b->c",
-// products joined by "·", the rightmost applied first). The server's group has full word lists;
-// this shows the copy's named words only.
+// word swaps, shown client-side from the transform's name: a swap "swap:man<->woman" or
+// "jump<->run", a cycle "cycle:a->b->c" or "a->b->c", a power "(a->b->c)^2", products joined by
+// "·", the rightmost applied first. The server's group has full word lists; this shows the copy's
+// named words only.
 
 function wordMap(name) {
   const map = new Map();
-  const parts = name.startsWith("swap:") ? name.slice(5).split("<->")
-    : name.startsWith("cycle:") ? name.slice(6).split("->") : [];
-  parts.forEach((word, i) => map.set(word, parts[(i + 1) % parts.length]));
+  const power = name.match(/^\((.*)\)\^(\d+)$/);
+  const [base, times] = power ? [power[1], Number(power[2])] : [name, 1];
+  const body = base.replace(/^(swap|cycle):/, "");
+  const parts = body.includes("<->") ? body.split("<->") : body.includes("->") ? body.split("->") : [];
+  if (parts.some((word) => !/^[\p{L}\p{N}_]+$/u.test(word))) return map;
+  parts.forEach((word, i) => map.set(word, parts[(i + times) % parts.length]));
   return map;
 }
 
