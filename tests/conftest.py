@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    pass
 
 
 def photo(name: str) -> np.ndarray:
@@ -15,6 +19,26 @@ def photo(name: str) -> np.ndarray:
     import skimage.data
 
     return getattr(skimage.data, name)()
+
+
+IMAGE_BUILD = pytest.StashKey["ImageBuild"]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The container tests go last, and their image builds in the background meanwhile."""
+    container = [item for item in items if item.path.name == "test_container.py"]
+    if not container or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item.path.name != "test_container.py"] + container
+    from imagebuild import start_build
+
+    config.stash[IMAGE_BUILD] = start_build()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    build = config.stash.get(IMAGE_BUILD, None)
+    if build is not None:
+        build.stop()
 
 
 @pytest.fixture(autouse=True)
