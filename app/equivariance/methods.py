@@ -31,6 +31,7 @@ class ZeroLoss(str, Enum):
 
     NEG_MAX_PROB = "neg_max_prob"  # -max softmax probability: the paper's choice for CLIP
     ENTROPY = "entropy"  # entropy of the softmax
+    NEG_MAX_VALUE = "neg_max_value"  # -max of the raw output: Q-learning's "maximise the Q-value"
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ def equizero_loss(aligned: Tensor, loss: ZeroLoss = ZeroLoss.NEG_MAX_PROB, class
     Dense outputs (e.g. ``[|G|, B, C, H, W]``) are averaged over the remaining dims. The
     softmax is applied once, to logits: the paper's public code applies it twice.
     """
+    if loss is ZeroLoss.NEG_MAX_VALUE:  # values, not logits: no softmax
+        per_position = -aligned.float().amax(dim=class_dim)
+        return per_position.reshape(aligned.shape[0], aligned.shape[1], -1).mean(-1)
     log_p = torch.log_softmax(aligned.float(), dim=class_dim)
     if loss is ZeroLoss.NEG_MAX_PROB:
         per_position = -log_p.amax(dim=class_dim).exp()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .groups import FiniteGroup, PermutationGroup
 from .lambda_net import LambdaNet
-from .methods import Combined, Method, combine, equizero_weights
+from .methods import Combined, Method, ZeroLoss, combine
 from .model import Copies, EquivariantModel
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "SignedPermutation",
     "StateActionGroup",
     "combine_q",
-    "equizero_q_losses",
 ]
 
 
@@ -145,11 +144,6 @@ class StateActionGroup(FiniteGroup):
         return self.actions.act_scores(q, g)
 
 
-def equizero_q_losses(aligned: Tensor) -> Tensor:
-    """Equizero's per-copy loss ``[|G|, B]`` for Q-values ``[|G|, B, A]``: ``-max_a Q`` (least = largest Q)."""
-    return -aligned.float().amax(dim=-1)
-
-
 def combine_q(
     aligned: Tensor,
     method: Method | str,
@@ -157,22 +151,14 @@ def combine_q(
     log_lambda: Tensor | None = None,
     straight_through: bool = False,
 ) -> Combined:
-    """``methods.combine`` for aligned Q-values ``[|G|, B, A]``, with equizero maximising the Q-value.
-
-    Copies tied for the largest Q-value share the weight (a state fixed by ``g`` gives two copies
-    with the same Q-values), which keeps equizero exactly equivariant there. With
-    ``straight_through`` the forward value is the selected copy and the gradient equitune's.
-    """
-    method = Method(method)
-    if method is not Method.EQUIZERO:
-        return combine(aligned, method, log_lambda=log_lambda, straight_through=straight_through)
-    with torch.no_grad():
-        weights, selected = equizero_weights(equizero_q_losses(aligned))
-    output = (weights.to(aligned.dtype).unsqueeze(-1) * aligned).sum(0)
-    if straight_through:
-        mean = aligned.mean(0)
-        output = mean + (output - mean).detach()
-    return Combined(output, weights, selected)
+    """``methods.combine`` for aligned Q-values ``[|G|, B, A]``: equizero picks the copy with the
+    largest Q-value (``ZeroLoss.NEG_MAX_VALUE``); copies tied for it share the weight (a state
+    fixed by ``g`` gives two copies with the same Q-values), which keeps equizero exactly
+    equivariant there. With ``straight_through`` the forward value is the selected copy and the
+    gradient equitune's."""
+    return combine(
+        aligned, method, log_lambda=log_lambda, zero_loss=ZeroLoss.NEG_MAX_VALUE, straight_through=straight_through
+    )
 
 
 class QValueModel(EquivariantModel):
