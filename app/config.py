@@ -78,6 +78,25 @@ class Settings(BaseSettings):
     max_command_words: int = Field(9, ge=1, description="translate: words per command (422); SCAN's longest has 9")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
+    # speed: precision, runtimes and the input pipeline (docs/performance.md). LoadOptions carries
+    # them to the task loaders under the same names.
+    precision: Literal["auto", "float32", "int8"] = Field(
+        "auto",
+        description="image backbones on the CPU: int8 = onnxruntime static quantization (calibrated, cached); "
+        "auto = each model's model.yaml `precision`, else float32",
+    )
+    onnx_provider: Literal["auto", "cuda", "tensorrt", "cpu"] = Field(
+        "auto", description="onnxruntime execution provider on CUDA (runtime onnxruntime; needs onnxruntime-gpu)"
+    )
+    input_pipeline: Literal["auto", "host", "device", "device-decode"] = Field(
+        "auto",
+        description="where images are resized: host (preprocessing pool), device (uint8 to the device, resized "
+        "there), device-decode (JPEGs decoded on the device too, nvJPEG); auto = device-decode on CUDA, else host",
+    )
+    compile_mode: Literal["none", "compile", "cudagraphs"] = Field(
+        "none", description="torch backbones: torch.compile or CUDA graphs per batch-size bucket (CUDA)"
+    )
+
     # Ray Serve: `serve --ray` serves the same HTTP contract through Ray Serve replicas, each one
     # Engine (app/ray_serve.py; docs/deploy.md). Ignored without --ray.
     ray: bool = Field(False, description="serve through Ray Serve: engine replicas behind Ray's proxy on host:port")

@@ -18,12 +18,24 @@ HTTP load with real JPEG photos at each ``--concurrency``: throughput, p50/p95/p
 size, and the ratio to the raw ceiling at that batch size. Results go to
 ``bench/results/gpu_<card>.json``, named after ``torch.cuda.get_device_name()``.
 
+Issue #17 (items 3-5): the HTTP load runs once per **variant** of the server, each its own
+process with the same models, so that before/after is one run on one card:
+
+* ``before``: today's path, every image decoded, resized and converted to float32 on the host;
+* ``after``: ``--input-pipeline device-decode``: JPEG files go to the device and are decoded
+  there in batches (nvJPEG), resized and normalised there (uint8 crosses the bus);
+* ``after-cudagraphs``: ``after`` with ``--compile-mode cudagraphs`` (one CUDA graph per
+  power-of-two batch bucket; its raw ceiling is measured too);
+* ``onnx-cuda`` (EfficientNet-Lite0 only: CLIP zero-shot does not export) and ``onnx-tensorrt``:
+  onnxruntime's CUDA / TensorRT execution providers instead of torch, when the installed
+  onnxruntime has them (the ``gpu`` extra: onnxruntime-gpu); left out, and said so, when not.
+
 ``--smoke`` runs the same code on the CPU with tiny settings (a 2-layer CLIP on 32 px
 inputs, B ≤ 2, 2 s of load) to check the script end to end where there is no GPU.
 
 Run from the repository root on the GPU machine (see bench/README.md)::
 
-    python bench/bench_gpu.py                 # ~4 min on one H100
+    python bench/bench_gpu.py                 # ~8 min on one H100 (--budget-s 480)
     python bench/bench_gpu.py --smoke         # ~1.5 min on 2 CPU cores
 """
 
@@ -48,6 +60,24 @@ from benchlib import RESULTS_DIR
 CLIP = "clip-vit-b32-c4"
 EFFNET = "imagenet-effnet-c4"
 METHOD = "lambda"
+# variant -> (server flags, the models it serves: None = all); see the module docstring
+VARIANTS: dict[str, tuple[list[str], tuple[str, ...] | None]] = {
+    "before": (["--input-pipeline", "host", "--compile-mode", "none", "--runtime", "torch"], None),
+    "after": (["--input-pipeline", "device-decode", "--runtime", "torch"], None),
+    "after-cudagraphs": (
+        ["--input-pipeline", "device-decode", "--compile-mode", "cudagraphs", "--runtime", "torch"],
+        None,
+    ),
+    "onnx-cuda": (
+        ["--input-pipeline", "device-decode", "--runtime", "onnxruntime", "--onnx-provider", "cuda"],
+        ("imagenet-effnet-c4",),
+    ),
+    "onnx-tensorrt": (
+        ["--input-pipeline", "device-decode", "--runtime", "onnxruntime", "--onnx-provider", "tensorrt"],
+        ("imagenet-effnet-c4",),
+    ),
+}
+PROVIDER_OF = {"onnx-cuda": "CUDAExecutionProvider", "onnx-tensorrt": "TensorrtExecutionProvider"}
 # A 2-layer ViT CLIP on 32x32 inputs (the tests' tiny config): builds in milliseconds.
 TINY_CLIP_CFG = {
     "embed_dim": 32,
@@ -107,17 +137,20 @@ def raw_ceiling(
     photos: Sequence[loadgen.Photo],
     seconds_per_size: float,
     max_reps: int,
+    compile_mode: str = "none",
 ) -> dict[str, Any]:
     """``ClassifyModel`` at each batch size: warm twice, then time until ``seconds_per_size``."""
     import torch
 
     from app.engine.registry import load_model
     from app.equivariance import Method
+    from app.tasks.base import LoadOptions
     from app.tasks.classify.decode import decode_image
     from app.tasks.classify.model import ImageItem
 
     started = time.perf_counter()
-    loaded = load_model(models_dir, name, device, dtype)
+    options = LoadOptions(device=device, dtype=dtype, input_pipeline="host", compile_mode=compile_mode)
+    loaded = load_model(models_dir, name, options=options)
     pixels = [
         loaded.preprocess(decode_image(p.data, max_pixels=50_000_000, min_side=loaded.backbone.input_size))
         for p in photos
@@ -154,6 +187,7 @@ def raw_ceiling(
         "device": str(loaded.device),
         "input_size": loaded.backbone.input_size,
         "load_s": round(load_s, 1),
+        "compile_mode": compile_mode,
         "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if loaded.device.type == "cuda" else None,
     }
     del loaded
@@ -172,6 +206,14 @@ def rps_at(raw: dict[str, Any], batch_size: float | None) -> float | None:
     return max(below, key=lambda r: r["batch_size"])["requests_per_s"]
 
 
+def onnxruntime_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
 def card_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "unknown"
 
@@ -182,20 +224,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--max-batch-size", type=int, default=None, help="server max batch and top raw B (64)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="closed-loop workers (1 16 64 128)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds per load segment (15)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="closed-loop workers (1 64 128)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per load segment (10)")
     parser.add_argument("--warmup", type=float, default=None, help="seconds left out of each segment (2)")
     parser.add_argument("--raw-seconds", type=float, default=None, help="seconds of timing per raw batch size (2)")
     parser.add_argument("--preprocess-threads", type=int, default=None, help="server preprocessing threads (8)")
-    parser.add_argument("--budget-s", type=float, default=270.0, help="skip what is left after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="skip what is left after this many seconds")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=tuple(VARIANTS),
+        help="server variants (GPU: before after after-cudagraphs onnx-cuda; smoke: before after)",
+    )
     parser.add_argument("--models", nargs="+", default=[CLIP, EFFNET], choices=(CLIP, EFFNET))
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/gpu_<card>.json")
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.max_batch_size = args.max_batch_size or (2 if smoke else 64)
-    args.concurrency = args.concurrency or ([1, 4] if smoke else [1, 16, 64, 128])
-    args.duration = args.duration or (3.0 if smoke else 15.0)
+    args.concurrency = args.concurrency or ([1, 4] if smoke else [1, 64, 128])
+    args.duration = args.duration or (3.0 if smoke else 10.0)
+    args.variants = args.variants or (
+        ["before", "after"] if smoke else ["before", "after", "after-cudagraphs", "onnx-cuda"]
+    )
     args.warmup = args.warmup if args.warmup is not None else (1.0 if smoke else 2.0)
     args.warmup = min(args.warmup, args.duration / 3)  # most of each segment is measured
     args.raw_seconds = args.raw_seconds or (0.5 if smoke else 2.0)
@@ -228,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models_dir = Path(tmp)
         specs = write_models(models_dir, args.smoke)
         raws: dict[str, dict[str, Any]] = {}
+        graphs: dict[str, dict[str, Any]] = {}
         for name in args.models:
             if over_budget():
                 report["skipped"].append(f"raw {name}")
@@ -236,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raws[name] = raw_ceiling(
                 models_dir, name, device, args.dtype, batch_sizes, photos, args.raw_seconds, max_reps=200
             )
+            if cuda and "after-cudagraphs" in args.variants and not over_budget():
+                print(f"[{name}] raw ceiling with CUDA graphs ...", file=sys.stderr, flush=True)
+                graphs[name] = raw_ceiling(
+                    models_dir, name, device, args.dtype, batch_sizes, photos, args.raw_seconds, 200, "cudagraphs"
+                )
         extra = [
             "--models-dir",
             str(models_dir),
@@ -248,17 +306,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--preprocess-threads",
             str(args.preprocess_threads),
         ]
-        server = loadgen.equiserve_server(None, *extra, model=",".join(args.models), device=device)
-        server.startup_timeout_s = 240
         load: dict[str, list[dict[str, Any]]] = {name: [] for name in args.models}
-        if not over_budget():
-            print("starting the server ...", file=sys.stderr, flush=True)
+        report["server_startup_s"] = {}
+        available = onnxruntime_providers()
+        for variant in args.variants:
+            flags, served = VARIANTS[variant]
+            names = [n for n in args.models if served is None or n in served]
+            provider = PROVIDER_OF.get(variant)
+            if provider and provider not in available:
+                report["skipped"].append(f"{variant}: onnxruntime has no {provider} here ({available})")
+                continue
+            if not names or over_budget():
+                report["skipped"].append(f"{variant}" + ("" if names else " (none of the models)"))
+                continue
+            server = loadgen.equiserve_server(None, *extra, *flags, model=",".join(names), device=device)
+            server.startup_timeout_s = 240
+            print(f"[{variant}] starting the server: {' '.join(flags)} ...", file=sys.stderr, flush=True)
             with server:
-                for name in args.models:
+                report["server_startup_s"][variant] = round(server.startup_s or 0, 1)
+                for name in names:
                     templates = loadgen.photo_templates(photos, name, METHOD)
                     for concurrency in args.concurrency:
                         if over_budget():
-                            report["skipped"].append(f"load {name} c={concurrency}")
+                            report["skipped"].append(f"load {variant} {name} c={concurrency}")
                             continue
                         result = asyncio.run(
                             loadgen.run_closed_loop(
@@ -268,26 +338,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 duration_s=args.duration,
                                 warmup_s=args.warmup,
                                 timeout_s=60,
-                                id_prefix=f"{name}-c{concurrency}",
+                                id_prefix=f"{variant}-{name}-c{concurrency}",
                             )
                         )
                         summary = result.summary()
                         ceiling = rps_at(raws[name], summary["mean_batch_size"]) if name in raws else None
                         summary["raw_rps_at_mean_batch"] = ceiling
                         summary["service_over_raw"] = round(summary["throughput_rps"] / ceiling, 3) if ceiling else None
-                        load[name].append({"concurrency": concurrency, **summary})
+                        load[name].append({"variant": variant, "concurrency": concurrency, **summary})
                         print(
-                            f"[{name}] c={concurrency}: {summary['throughput_rps']} req/s, p50 "
+                            f"[{variant} {name}] c={concurrency}: {summary['throughput_rps']} req/s, p50 "
                             f"{summary['latency']['p50_ms']} ms, batch {summary['mean_batch_size']}, "
                             f"{summary['status_counts']}",
                             file=sys.stderr,
                             flush=True,
                         )
-            report["server_startup_s"] = round(server.startup_s or 0, 1)
         for name in args.models:
             report["models"][name] = {
                 "description": specs[name]["description"],
                 "raw_ceiling": raws.get(name),
+                "raw_ceiling_cudagraphs": graphs.get(name),
                 "load": load[name],
             }
 
@@ -303,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_wait_ms": args.max_wait_ms,
         "preprocess_threads": args.preprocess_threads,
         "concurrency": args.concurrency,
+        "variants": {v: VARIANTS[v][0] for v in args.variants},
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "batch_sizes": batch_sizes,
@@ -322,8 +393,9 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['config']['dtype']} | {report['timestamp']} | {report['duration_s']} s"
     )
     for name, entry in report["models"].items():
-        raw = entry["raw_ceiling"]
-        if raw:
+        for label, raw in (("", entry["raw_ceiling"]), (" with CUDA graphs", entry.get("raw_ceiling_cudagraphs"))):
+            if not raw:
+                continue
             rows = [
                 [
                     str(r["batch_size"]),
@@ -335,13 +407,13 @@ def print_report(report: dict[str, Any]) -> None:
                 for r in raw["results"]
             ]
             benchlib.print_table(
-                f"{name}: raw ceiling (ClassifyModel, fused B·|G|)",
+                f"{name}: raw ceiling{label} (ClassifyModel, fused B·|G|)",
                 ["B", "median ms", "p90 ms", "req/s", "backbone images/s"],
                 rows,
             )
         rows = []
         for seg in entry["load"]:
-            row = loadgen.summary_row(f"c={seg['concurrency']}", seg)
+            row = loadgen.summary_row(f"{seg.get('variant', '')} c={seg['concurrency']}", seg)
             row.append(benchlib.fmt(seg["service_over_raw"], 2))
             rows.append(row)
         if rows:

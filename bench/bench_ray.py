@@ -206,8 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = json.loads(args.out.read_text())
         report["note"] = NOTE.format(cpus=report["config"]["cpus"])
         report["analysis"] = analyse(report["runs"])
-        benchlib.write_json(args.out, report)
-        args.out.with_suffix(".md").write_text(markdown(report))
+        benchlib.write_report(args.out, report, markdown(report))
         return 0
     if os.environ.get(IN_NETNS) != "1":
         return in_network_namespace(argv)
@@ -230,8 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "analysis": analysis,
     }
-    benchlib.write_json(args.out, report)
-    args.out.with_suffix(".md").write_text(markdown(report))
+    benchlib.write_report(args.out, report, markdown(report))
     benchlib.print_table("Ray Serve vs the plain server", COLUMNS, table_rows(runs, analysis), note)
     return 0
 

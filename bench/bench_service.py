@@ -167,6 +167,75 @@ def raw_rps_at(raw: dict[str, Any], batch_size: float) -> float | None:
     return None
 
 
+# -- the stages of one request outside its forward pass ---------------------------------------------
+
+
+def stage_costs(templates: Sequence[loadgen.RequestTemplate], input_size: int, reps: int) -> dict[str, Any]:
+    """Median milliseconds per request of each stage the server runs outside the forward pass,
+    in this process, one thread, on the same request bodies: parsing the multipart body
+    (starlette, as the route does), decoding the JPEG (PIL's draft mode, as before issue #17,
+    and the decoder served now) and the crop + resize. Interleaved per round, so background
+    load spreads over all stages. What HTTP itself costs is the rest of the request's time
+    outside its batch (``analyse``)."""
+    import torch
+    from starlette.requests import Request
+
+    from app.backbones.preprocess import pixels_from_uint8
+    from app.tasks.classify import decode
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a preprocessing thread runs one image at a time
+
+    async def parse(body: bytes, content_type: str) -> bytes:
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+        request = Request({"type": "http", "method": "POST", "headers": headers}, receive)
+        form = await request.form(max_files=16, max_fields=1008)
+        return await form.getlist("image")[0].read()
+
+    def pil_decode(data: bytes) -> Any:
+        fast, decode.simplejpeg = decode.simplejpeg, None
+        try:
+            return decode.decode_image(data, max_pixels=50_000_000, min_side=input_size)
+        finally:
+            decode.simplejpeg = fast
+
+    loop = asyncio.new_event_loop()
+    bodies = [(t.body, t.content_type or "") for t in templates]
+    files = [loop.run_until_complete(parse(body, ct)) for body, ct in bodies]
+    arrays = [decode.decode_image(f, max_pixels=50_000_000, min_side=input_size) for f in files]
+    stages: dict[str, Callable[[int], Any]] = {
+        "multipart_parse": lambda i: loop.run_until_complete(parse(*bodies[i])),
+        "decode_pil_draft": lambda i: pil_decode(files[i]),
+        "decode_served": lambda i: decode.decode_image(files[i], max_pixels=50_000_000, min_side=input_size),
+        "crop_resize": lambda i: pixels_from_uint8(arrays[i], input_size),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(reps):
+        for i in range(len(files)):
+            for name, run in stages.items():
+                t0 = time.perf_counter()
+                run(i)
+                samples[name].append(time.perf_counter() - t0)
+    loop.close()
+    torch.set_num_threads(threads)
+    return {
+        "decoder": "simplejpeg" if decode.simplejpeg is not None else "PIL",
+        "requests": len(files),
+        "reps": reps,
+        "median_ms": {name: round(float(np.median(v)) * 1e3, 3) for name, v in samples.items()},
+        "mean_ms": {name: round(float(np.mean(v)) * 1e3, 3) for name, v in samples.items()},
+    }
+
+
 # -- 2/3. servers under load ---------------------------------------------------------------------------
 
 
@@ -318,6 +387,7 @@ def load_server(
                 file=sys.stderr,
                 flush=True,
             )
+        http_floor = asyncio.run(http_round_trip(server.base_url)) if name.startswith("equiserve") else None
         if profile_dir is not None and pyspy.available():
             profile = profile_segment(server, templates, max(args.concurrency), args, profile_dir)
         rss_after = server.rss_kib(tree=True)
@@ -328,8 +398,25 @@ def load_server(
         "rss_idle_kib": rss_idle,
         "rss_after_kib": rss_after,
         "segments": segments,
+        "http_floor": http_floor,
         "profile": profile,
     }
+
+
+async def http_round_trip(base_url: str, seconds: float = 5.0, path: str = "/health/live") -> dict[str, Any]:
+    """The floor of any request here: ``GET /health/live`` one at a time over a kept-alive
+    connection (the same client, uvicorn, middleware and JSON answer; no body, no engine)."""
+    import aiohttp
+
+    latencies: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            async with session.get(base_url + path) as response:
+                await response.read()
+            latencies.append(time.perf_counter() - t0)
+    return {"path": path, "n": len(latencies), "p50_ms": round(float(np.median(latencies)) * 1e3, 3)}
 
 
 def profile_segment(
@@ -476,6 +563,34 @@ def analyse(raw: dict[str, Any], servers: Sequence[dict[str, Any]], concurrencie
     return {"ratios": ratios, "targets": targets}
 
 
+def overhead_breakdown(stages: dict[str, Any], servers: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Where a request's time outside its own forward pass goes at concurrency 1: the stages
+    timed in this process (medians), the server's queue wait, the round trip of a bodyless
+    request to the same server (``http_round_trip``: client, socket, uvicorn, middleware, JSON),
+    and the rest (thread hops to the preprocessing pool and the batcher, the classify route and
+    its answer), which is what remains of the measured per-request median."""
+    eq_name = next((e["server"] for e in servers if e["server"].startswith("equiserve")), "equiserve")
+    seg = by_concurrency(servers, eq_name).get(1)
+    if seg is None or seg.get("outside_batch_ms_p50") is None:
+        return None
+    median = stages["median_ms"]
+    parts = {
+        "multipart_parse_ms": median["multipart_parse"],
+        "decode_ms": median["decode_served"],
+        "crop_resize_ms": median["crop_resize"],
+        "queue_ms": seg["server_queue_ms_p50"],
+    }
+    floor = next((e.get("http_floor") for e in servers if e["server"] == eq_name), None)
+    parts["http_round_trip_ms"] = floor["p50_ms"] if floor else None
+    known = sum(v for v in parts.values() if v is not None)
+    return {
+        "outside_batch_ms_p50": seg["outside_batch_ms_p50"],
+        **parts,
+        "rest_ms": round(seg["outside_batch_ms_p50"] - known, 2),
+        "decode_pil_draft_ms": median["decode_pil_draft"],
+    }
+
+
 def print_report(report: dict[str, Any]) -> None:
     m = report["machine"]
     print(
@@ -544,6 +659,13 @@ def print_report(report: dict[str, Any]) -> None:
         ],
         ratio_rows,
     )
+    overhead = report["analysis"].get("overhead_c1")
+    if overhead:
+        benchlib.print_table(
+            "Concurrency 1: ms outside the request's own forward pass (p50), by stage",
+            ["stage", "ms"],
+            [[k.removesuffix("_ms"), benchlib.fmt(v, 2)] for k, v in overhead.items()],
+        )
     target_rows = [
         [name, t["target"], str(t["value"]), "met" if t["met"] else "MISSED"]
         for name, t in report["analysis"]["targets"].items()
@@ -595,6 +717,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-duration", type=float, default=20.0)
     parser.add_argument("--paired-reps", type=int, default=5, help="raw calls after each equiserve segment")
     parser.add_argument("--paired-budget-s", type=float, default=20.0, help="seconds for those calls (>= 1 call)")
+    parser.add_argument("--stage-reps", type=int, default=None, help="rounds of the stage timings (20; quick 5)")
     parser.add_argument("--skip-raw", action="store_true", help="no raw ceiling (ratios to raw are then missing)")
     parser.add_argument("--note", default="shared 2-core machine: other engineers' jobs run concurrently")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -607,6 +730,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     default_raw = [1, 2, 4, 8] if quick else [b for b in (1, 2, 4, 8, 16, 32) if b <= args.max_batch_size]
     args.raw_batch_sizes = args.raw_batch_sizes or default_raw
     args.raw_rounds = args.raw_rounds or (3 if quick else 8)
+    args.stage_reps = args.stage_reps or (5 if quick else 20)
     args.raw_budget_s = args.raw_budget_s if args.raw_budget_s is not None else (30.0 if quick else 120.0)
     return args
 
@@ -628,6 +752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"raw ceiling at B={args.raw_batch_sizes} (up to ~{args.raw_budget_s:.0f} s) ...", file=sys.stderr)
         bench = RawBench(photos, args.model, args.models_dir, args.runtime)
         raw = bench.sweep(args.raw_batch_sizes, rounds=args.raw_rounds, budget_s=args.raw_budget_s)
+    input_size = bench.loaded.backbone.input_size if bench is not None else 224
+    print(f"stages outside the forward pass ({args.stage_reps} rounds) ...", file=sys.stderr)
+    stages = stage_costs(templates, input_size, args.stage_reps)
     profile_dir = args.out.parent / "profiles" if args.profile else None
     servers = [
         load_engine(args, photos) if name == "engine" else load_server(name, args, templates, profile_dir, bench)
@@ -653,7 +780,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     report["raw_ceiling"] = raw
     report["servers"] = servers
+    report["stages"] = stages
     report["analysis"] = analyse(raw, servers, args.concurrency)
+    report["analysis"]["overhead_c1"] = overhead_breakdown(stages, servers)
     benchlib.write_json(args.out, report)
     print_report(report)
     return 0

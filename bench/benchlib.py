@@ -114,6 +114,12 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def write_report(path: Path, report: dict[str, Any], markdown: str) -> None:
+    """``path`` (JSON) and the same name with ``.md`` (the table a human reads)."""
+    write_json(path, report)
+    path.with_suffix(".md").write_text(markdown)
+
+
 def fmt(value: float | int | None, digits: int = 1) -> str:
     if value is None:
         return "-"

@@ -39,7 +39,7 @@ if str(REPO_ROOT) not in sys.path:  # so `python bench/scan_experiment.py` finds
     sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import load_average, markdown_table, report_header, utc_now, write_json  # noqa: E402
+from benchlib import load_average, markdown_table, report_header, utc_now, write_report  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
 GROUPS = {"add_jump": ["verb", "verb4"], "around_right": ["direction"]}
@@ -328,8 +328,7 @@ def main() -> int:
     }
     if args.export_models:
         report["exported"] = export_models(units, args.work_dir, args.models_dir)
-    write_json(args.out.with_suffix(".json"), report)
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write_report(args.out.with_suffix(".json"), report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -260,3 +260,26 @@ def test_head_works_with_grad_through_features(backbone: OpenClipZeroShot) -> No
     backbone.head(features).sum().backward()
     backbone.head_for(["cat", "truck"])(features).sum().backward()
     assert features.grad is not None
+
+
+def test_known_hub_table_is_open_clips_and_checking_the_cache_imports_no_open_clip() -> None:
+    import subprocess
+    import sys
+
+    from open_clip.pretrained import get_pretrained_cfg
+
+    from app.backbones.open_clip_zero_shot import KNOWN_HF_HUB, hf_hub_of
+
+    for (name, tag), hub in KNOWN_HF_HUB.items():
+        assert get_pretrained_cfg(name, tag)["hf_hub"] == hub
+    assert hf_hub_of("ViT-B-16", "openai") == get_pretrained_cfg("ViT-B-16", "openai")["hf_hub"]  # the fallback
+    probe = (
+        "import sys\n"
+        "from app.engine.registry import weights_are_local\n"
+        "from pathlib import Path\n"
+        "weights_are_local(Path('models'), 'clip-vit-b32-c4')\n"
+        "print('open_clip' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

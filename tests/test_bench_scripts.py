@@ -172,4 +172,19 @@ def test_bench_gpu_smoke(tmp_path: Path) -> None:
     report = read(out)
     assert report["smoke"] and report["card"] == "cpu-smoke"
     load = report["models"]["clip-vit-b32-c4"]["load"]
-    assert load and load[0]["ok"] > 0 and load[0]["transport_errors"] == 0
+    assert load and all(seg["ok"] > 0 and seg["transport_errors"] == 0 for seg in load)
+    assert [seg["variant"] for seg in load] == ["before", "after"]  # the host pipeline, then the device one
+
+
+def test_bench_memory_smoke(tmp_path: Path, tiny_dir: Path) -> None:
+    out = tmp_path / "memory.json"
+    run_script("bench_memory.py", "--sets", "tiny", "--models-dir", str(tiny_dir), "--duration", "1",
+               "--settle-s", "0.5", "--concurrency", "1", "--out", str(out))  # fmt: skip
+    report = read(out)
+    (entry,) = report["sets"]
+    assert entry["models"] == "tiny" and entry["probe"]["after_engine_start_mib"] > entry["probe"]["python_mib"]
+    assert "open_clip" not in entry["probe"]["imported"]  # a torchvision model pulls no CLIP code in
+    server = entry["server"]
+    assert server["idle_rss_mib"] > 0 and server["hwm_mib"] >= server["peak_rss_under_load_mib"] > 0
+    assert server["load"]["status_counts"].get("200", 0) > 0
+    assert out.with_suffix(".md").read_text().startswith("# Memory")

@@ -20,12 +20,14 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .base import ImageBackbone
-from .onnx_runtime import DEFAULT_OPSET, OnnxBackbone, export_onnx
+from .onnx_quant import Calibration, int8_key, quantize_int8
+from .onnx_runtime import DEFAULT_OPSET, INPUT_NAME, META_KEY, OnnxBackbone, export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +75,63 @@ def session_options(threads: int | None) -> object:
     return options
 
 
-def onnx_backbone(backbone: ImageBackbone, cache_dir: Path | None = None, threads: int | None = None) -> OnnxBackbone:
-    """``backbone`` (float32, on the CPU) as an ``OnnxBackbone`` on the CPU, exported once per key."""
+def _write_once(path: Path, write: Callable[[Path], Path], what: str, name: str) -> None:
+    """Write ``path`` through a scratch file renamed into place (never half-written under the key)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
+        os.replace(write(Path(scratch) / path.name), path)
+    log.info("%s: %s in %.1f s (once per model; cached in %s)", name, what, time.perf_counter() - started, path.parent)
+
+
+def onnx_backbone(
+    backbone: ImageBackbone,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+    *,
+    precision: str = "float32",
+    calibration: Calibration | None = None,
+    device: str | torch.device = "cpu",
+    provider: str = "auto",
+    fp16: bool = False,
+) -> OnnxBackbone:
+    """``backbone`` (float32, on the CPU) as an ``OnnxBackbone`` on ``device``, exported once per key.
+
+    ``precision="int8"``: the float graph quantized (``onnx_quant``), calibrated on
+    ``calibration``, cached under its own key (the float key, the calibration set, the quantizer).
+    """
     if not can_export(backbone):
         raise ValueError(f"{backbone.name}: only fixed-label torch backbones can be exported to ONNX")
     if backbone.dtype != torch.float32 or backbone.device.type != "cpu":
         raise ValueError(f"{backbone.name}: export a float32 CPU backbone (got {backbone.dtype} on {backbone.device})")
+    if precision not in ("float32", "int8"):
+        raise ValueError(f"unknown precision {precision!r}: float32 or int8")
     cache_dir = cache_dir or default_cache_dir()
-    path = cache_dir / f"{backbone.name}-{export_key(backbone)}.onnx"
+    key = export_key(backbone)
+    path = cache_dir / f"{backbone.name}-{key}.onnx"
     if path.is_file():
         log.debug("%s: onnxruntime graph from the cache %s", backbone.name, path)
     else:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".export-") as scratch:
-            exported = export_onnx(backbone, Path(scratch) / path.name)
-            os.replace(exported, path)
-        log.info("%s: exported to ONNX for onnxruntime in %.1f s (once per model; cached in %s)",
-                 backbone.name, time.perf_counter() - started, cache_dir)  # fmt: skip
-    return OnnxBackbone(path, device="cpu", session_options=session_options(threads))
+        _write_once(
+            path, lambda target: export_onnx(backbone, target), "exported to ONNX for onnxruntime", backbone.name
+        )
+    if precision == "int8":
+        calibration = calibration or Calibration()
+        float_path = path
+        path = cache_dir / f"{backbone.name}-{key}-int8-{int8_key(key, calibration.id(backbone.input_size))}.onnx"
+        if not path.is_file():
+            pixels = calibration.pixels(backbone.input_size)
+            _write_once(
+                path,
+                lambda target: quantize_int8(float_path, target, pixels, meta_key=META_KEY, input_name=INPUT_NAME),
+                f"quantized to int8 (QDQ, {len(pixels)} calibration images from {calibration.source})",
+                backbone.name,
+            )
+    return OnnxBackbone(
+        path,
+        device=device,
+        session_options=session_options(threads),
+        provider=provider,
+        tensorrt_cache=cache_dir / "tensorrt",
+        fp16=fp16,
+    )

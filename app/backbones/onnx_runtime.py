@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18  # what torch's dynamo exporter targets natively; onnxruntime>=1.14 runs it
 INPUT_NAME, FEATURES_NAME, LOGITS_NAME = "pixels", "features", "logits"
-_META_KEY = "equiserve"  # one JSON blob in metadata_props
+META_KEY = "equiserve"  # one JSON blob in metadata_props
 
 
 class _ExportModule(nn.Module):
@@ -104,7 +105,7 @@ def export_onnx(
             "mean": backbone.mean.flatten().tolist(),
             "std": backbone.std.flatten().tolist(),
         }
-        program.model.metadata_props[_META_KEY] = json.dumps(meta)
+        program.model.metadata_props[META_KEY] = json.dumps(meta)
         program.save(str(path))
     finally:
         backbone.train(was_training)
@@ -147,20 +148,64 @@ def _with_index(device: torch.device) -> torch.device:
     return torch.device("cuda", 0) if device.type == "cuda" and device.index is None else device
 
 
-def select_providers(device: torch.device) -> list[str | tuple[str, dict[str, Any]]]:
-    """CUDA first when asked for and installed (onnxruntime-gpu), always CPU as the fallback."""
+# What ``EQUISERVE_ONNX_PROVIDER`` may ask for; "auto": CUDA on a CUDA device, else the CPU.
+PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
+TENSORRT_MAX_ROWS = 2048  # the largest batch (|G| copies x images) a TensorRT profile covers
+
+
+def select_providers(
+    device: torch.device, provider: str = "auto", *, tensorrt_cache: Path | None = None, fp16: bool = False
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """The execution providers to ask onnxruntime for, best first; always CPU as the fallback.
+
+    On a CUDA device: ``cuda`` (and ``auto``) the CUDA provider of onnxruntime-gpu; ``tensorrt``
+    TensorRT first (its engines cached in ``tensorrt_cache``, built once per shape profile;
+    ``fp16`` lets it run half precision), then CUDA. A provider that is not installed is left
+    out (the session then runs on what is, and ``OnnxBackbone`` says so)."""
     import onnxruntime as ort
 
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown onnxruntime provider {provider!r}; choose from {PROVIDERS}")
+    available = set(ort.get_available_providers())
+    chosen: list[str | tuple[str, dict[str, Any]]] = []
+    if device.type == "cuda" and provider != "cpu":
+        device_id = device.index or 0
+        if provider == "tensorrt" and "TensorrtExecutionProvider" in available:
+            options: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": fp16}
+            if tensorrt_cache is not None:
+                tensorrt_cache.mkdir(parents=True, exist_ok=True)
+                options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(tensorrt_cache))
+            chosen.append(("TensorrtExecutionProvider", options))
+        if "CUDAExecutionProvider" in available:
+            chosen.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def _tensorrt_profile(session_providers: list[Any], input_name: str, row_shape: Sequence[int]) -> list[Any]:
+    """TensorRT needs the range of a dynamic batch axis up front (else it rebuilds its engine
+    for every new batch size): 1 to ``TENSORRT_MAX_ROWS`` rows of ``row_shape``."""
+    dims = "x".join(str(d) for d in row_shape)
+    profiled = []
+    for entry in session_providers:
+        if isinstance(entry, tuple) and entry[0] == "TensorrtExecutionProvider":
+            options = dict(entry[1])
+            options.update(
+                trt_profile_min_shapes=f"{input_name}:1x{dims}",
+                trt_profile_opt_shapes=f"{input_name}:{TENSORRT_MAX_ROWS // 8}x{dims}",
+                trt_profile_max_shapes=f"{input_name}:{TENSORRT_MAX_ROWS}x{dims}",
+            )
+            entry = (entry[0], options)
+        profiled.append(entry)
+    return profiled
 
 
 class OnnxBackbone(ImageBackbone):
     """An ONNX file written by :func:`export_onnx`, run by onnxruntime, as an ``ImageBackbone``.
 
-    The graph runs in the precision it was exported in (float32); normalisation is inside it,
-    so ``encode`` feeds raw pixels. Its head is the exported one: fixed labels, no zero-shot.
+    The graph runs in the precision it was written in (``precision``: float32 as exported, or
+    int8 from ``onnx_quant``; inputs and outputs are float32 either way); normalisation is
+    inside it, so ``encode`` feeds raw pixels. Its head is the exported one: fixed labels, no
+    zero-shot. ``provider``: see ``select_providers`` (CUDA/TensorRT on a CUDA device).
     """
 
     family = "onnx"
@@ -171,15 +216,18 @@ class OnnxBackbone(ImageBackbone):
         device: str | torch.device = "cpu",
         *,
         session_options: Any | None = None,
+        provider: str = "auto",
+        tensorrt_cache: Path | None = None,
+        fp16: bool = False,
     ) -> None:
         import onnx
 
         path = Path(path)
         model = onnx.load(str(path))
         props = {p.key: p.value for p in model.metadata_props}
-        if _META_KEY not in props:
-            raise ValueError(f"{path} has no {_META_KEY!r} metadata; export it with export_onnx()")
-        meta = json.loads(props[_META_KEY])
+        if META_KEY not in props:
+            raise ValueError(f"{path} has no {META_KEY!r} metadata; export it with export_onnx()")
+        meta = json.loads(props[META_KEY])
         super().__init__(
             name=meta["name"],
             input_size=int(meta["input_size"]),
@@ -190,12 +238,14 @@ class OnnxBackbone(ImageBackbone):
         )
         self.path = path
         self.source_family = meta.get("family", "unknown")
+        self.precision = str(meta.get("precision", "float32"))
         trunk, head = _split(model)
         del model
         self.num_classes = _static_width(head, LOGITS_NAME)
         if _static_width(trunk, FEATURES_NAME) != self.feature_dim or self.num_classes != len(self.labels):
             raise ValueError(f"{path}: graph output widths disagree with its metadata")
         self.session_options = session_options
+        self.provider, self.tensorrt_cache, self.fp16 = provider, tensorrt_cache, fp16
         self.providers: list[str] = []
         self._requested: torch.device | None = None
         self._build_sessions(torch.device(device), trunk, head)
@@ -213,13 +263,22 @@ class OnnxBackbone(ImageBackbone):
         device = _with_index(device)
         if trunk is None or head is None:
             trunk, head = _split(onnx.load(str(self.path)))
-        requested = select_providers(device)
+        requested = select_providers(device, self.provider, tensorrt_cache=self.tensorrt_cache, fp16=self.fp16)
         options = self.session_options
-        self._trunk = ort.InferenceSession(trunk.SerializeToString(), sess_options=options, providers=requested)
-        self._head = ort.InferenceSession(head.SerializeToString(), sess_options=options, providers=requested)
+        size = self.input_size
+        self._trunk = ort.InferenceSession(
+            trunk.SerializeToString(),
+            sess_options=options,
+            providers=_tensorrt_profile(requested, INPUT_NAME, (3, size, size)),
+        )
+        self._head = ort.InferenceSession(
+            head.SerializeToString(),
+            sess_options=options,
+            providers=_tensorrt_profile(requested, FEATURES_NAME, (self.feature_dim,)),
+        )
         self._requested = device
         self.providers = self._trunk.get_providers()
-        on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        on_cuda = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         if device.type == "cuda" and not on_cuda:
             log.warning("%s: onnxruntime has no CUDA provider here; running on CPU", self.name)
         # The device property follows the mean buffer: it is where inputs go and outputs come back.

@@ -201,14 +201,32 @@ def resolve_pretrained(
     return Path(downloaded), dict(tag_cfg)
 
 
+# open_clip's Hugging Face repositories of the tags our model entries name, so that asking
+# whether their weights are cached does not import open_clip (and torch.hub, timm, ...) in a
+# server that then skips the model. Checked against open_clip's own table (tests).
+KNOWN_HF_HUB: dict[tuple[str, str], str] = {
+    ("ViT-B-32", "openai"): "timm/vit_base_patch32_clip_224.openai/",
+}
+
+
+def hf_hub_of(model_name: str, pretrained: str) -> str:
+    """The ``hf_hub`` entry of open_clip's pretrained table; imports open_clip only for a tag
+    not in ``KNOWN_HF_HUB``."""
+    known = KNOWN_HF_HUB.get((model_name, pretrained))
+    if known is not None:
+        return known
+    from open_clip.pretrained import get_pretrained_cfg
+
+    return str(get_pretrained_cfg(model_name, pretrained).get("hf_hub", ""))
+
+
 def pretrained_is_local(model_name: str, pretrained: str | None) -> bool:
     """Whether ``pretrained`` loads without the network: a file, or a tag already in the cache."""
     if pretrained is None or Path(pretrained).is_file():
         return True
     from huggingface_hub import try_to_load_from_cache
-    from open_clip.pretrained import get_pretrained_cfg
 
-    hub = get_pretrained_cfg(model_name, pretrained).get("hf_hub", "")
+    hub = hf_hub_of(model_name, pretrained)
     if not hub:
         return False
     repo_id, filename = os.path.split(hub)

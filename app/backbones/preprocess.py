@@ -43,7 +43,36 @@ def resize_center_crop(image: Tensor, size: int) -> Tensor:
 
 def pixels_from_uint8(array: np.ndarray, size: int) -> Tensor:
     """An ``uint8 [H, W, 3]`` RGB image -> float ``[3, size, size]`` in ``[0, 1]``."""
+    return resize_center_crop(crop_uint8(array), size).div_(255.0).contiguous()
+
+
+def crop_uint8(array: np.ndarray) -> Tensor:
+    """An ``uint8 [H, W, 3]`` RGB image -> its centred crop as ``uint8 [3, h, w]`` (a copy,
+    in the image's layout: the permute is a view), for resizing later, on the device."""
     top, left, crop_h, crop_w = crop_box(*array.shape[:2])
-    cropped = np.array(array[top : top + crop_h, left : left + crop_w], dtype=np.uint8, copy=True)  # writable
-    tensor = torch.from_numpy(cropped).permute(2, 0, 1)
-    return resize_center_crop(tensor, size).div_(255.0).contiguous()
+    cropped = np.array(array[top : top + crop_h, left : left + crop_w], dtype=np.uint8, copy=True)
+    return torch.from_numpy(cropped).permute(2, 0, 1)
+
+
+def resize_on_device(images: list[Tensor], size: int, device: torch.device, *, pin: bool = False) -> Tensor:
+    """``uint8 [3, h, w]`` images (cropped or not; on the host or the device) -> float
+    ``[B, 3, size, size]`` in ``[0, 1]`` on ``device``: ``pixels_from_uint8``'s crop and resize,
+    done on the device. uint8 crosses the bus (a quarter of float32's bytes), from pinned memory
+    without blocking when ``pin``; images of one shape are resized in one call. On the CPU the
+    result is ``pixels_from_uint8``'s, bit for bit (tested)."""
+    moved = []
+    for image in images:
+        if image.device != device:
+            image = image.contiguous()
+            if pin:
+                image = image.pin_memory()
+            image = image.to(device, non_blocking=pin)
+        moved.append(image)
+    out = torch.empty(len(images), 3, size, size, device=device)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(moved):
+        by_shape.setdefault(tuple(image.shape), []).append(i)
+    for rows in by_shape.values():
+        batch = torch.stack([moved[i] for i in rows])
+        out[torch.tensor(rows, device=device)] = resize_center_crop(batch, size).div_(255.0)
+    return out

@@ -93,6 +93,11 @@ class LoadOptions:
     runtime: str = "torch"  # image backbones: torch | onnxruntime | auto
     onnx_cache_dir: Path | None = None
     threads: int | None = None  # intra-op threads of onnxruntime
+    # speed (Settings' `# speed` block; docs/performance.md)
+    precision: str = "auto"  # image backbones on the CPU: auto | float32 | int8
+    onnx_provider: str = "auto"  # onnxruntime on CUDA: auto | cuda | tensorrt | cpu
+    input_pipeline: str = "auto"  # auto | host | device | device-decode
+    compile_mode: str = "none"  # torch backbones: none | compile | cudagraphs
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoadOptions:
@@ -103,6 +108,10 @@ class LoadOptions:
             runtime=settings.runtime,
             onnx_cache_dir=settings.onnx_cache_dir,
             threads=settings.torch_threads,
+            precision=settings.precision,
+            onnx_provider=settings.onnx_provider,
+            input_pipeline=settings.input_pipeline,
+            compile_mode=settings.compile_mode,
         )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +20,15 @@ import torch
 from torch import Tensor
 
 from app.backbones.base import ImageBackbone, LinearHeadBackbone
+from app.backbones.compiled import BucketedEncoder
 from app.backbones.factory import create_backbone
 from app.backbones.factory import weights_are_local as backbone_is_local
 from app.backbones.onnx_cache import can_export, onnx_backbone
+from app.backbones.onnx_quant import Calibration
 from app.backbones.onnx_runtime import OnnxBackbone
-from app.backbones.preprocess import pixels_from_uint8, resize_center_crop
+from app.backbones.preprocess import crop_uint8, pixels_from_uint8, resize_center_crop, resize_on_device
 from app.engine.errors import InvalidInput, TooLarge
+from app.engine.memory import release_free_memory
 from app.engine.registry import (
     ModelLoadError,
     file_in,
@@ -38,7 +41,14 @@ from app.engine.registry import (
 from app.equivariance import EquivariantModel, Method, combine, image_group, lambda_entropy
 from app.tasks.base import LoadOptions, ServedModel, Timing
 
-from .decode import decode_image
+from .decode import (
+    apply_orientation,
+    decode_image,
+    decode_jpegs_on_device,
+    exif_orientation,
+    is_plain_jpeg,
+    open_image,
+)
 from .messages import (
     ClassifyOutput,
     ClassifyRequest,
@@ -57,6 +67,8 @@ log = logging.getLogger("equiserve.classify")
 
 DEFAULT_TOP_K = 5  # capped at the number of labels
 FILE_OPTIONS = ("weights_path", "checkpoint", "path")  # backbone options naming files in the entry's folder
+INPUT_PIPELINES = ("host", "device", "device-decode")
+_NO_PIXELS = torch.empty(0, dtype=torch.uint8)  # an item whose file the device decodes
 
 
 @dataclass(frozen=True)
@@ -73,13 +85,36 @@ class ImagePiece:
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image of a classify request, preprocessed, with what its request asked for."""
+    """One image of a classify request, preprocessed, with what its request asked for.
 
-    pixels: Tensor  # [3, S, S] float32 in [0, 1], on the CPU
+    ``pixels`` is what the host made of it: float ``[3, S, S]`` in ``[0, 1]`` (input pipeline
+    ``host``), or the centred crop as ``uint8 [3, h, w]``, resized on the device in the batch
+    (``device``). With ``jpeg`` set (``device-decode``), the file itself is decoded on the device
+    and ``pixels`` is empty."""
+
+    pixels: Tensor
     method: Method
     top_k: int
     labels: tuple[str, ...] | None = None  # zero-shot label set; None = the model's own
     probabilities: bool = False  # the result carries every label's probability
+    jpeg: bytes | None = None
+    orientation: int = 1  # the JPEG's EXIF orientation, applied after decoding it
+    max_pixels: int = 0  # the host decodes ``jpeg`` again under this limit if the device cannot
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """The loader's speed settings (``Settings``' ``# speed`` block), read from ``LoadOptions``
+    by name with these defaults, so that any options object carrying them is honoured."""
+
+    precision: str = "auto"
+    onnx_provider: str = "auto"
+    input_pipeline: str = "auto"
+    compile_mode: str = "none"
+
+    @classmethod
+    def of(cls, options: LoadOptions) -> SpeedOptions:
+        return cls(**{f.name: getattr(options, f.name, f.default) for f in fields(cls)})
 
 
 class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageResult, ClassifyOutput]):
@@ -90,11 +125,22 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
     prepare_in_pool = True  # decoding and resizing an image is real work
     spec: ClassifySpec
 
-    def __init__(self, spec: ClassifySpec, backbone: ImageBackbone, model: EquivariantModel, **kw: Any) -> None:
+    def __init__(
+        self,
+        spec: ClassifySpec,
+        backbone: ImageBackbone,
+        model: EquivariantModel,
+        *,
+        input_pipeline: str = "host",
+        **kw: Any,
+    ) -> None:
         super().__init__(spec, **kw)
         self.backbone = backbone
         self.model = model
         self._pin = self.device.type == "cuda"
+        if input_pipeline not in INPUT_PIPELINES:
+            raise ValueError(f"unknown input pipeline {input_pipeline!r}; choose from {INPUT_PIPELINES}")
+        self.input_pipeline = input_pipeline
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -122,20 +168,56 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
             backbone.labels = labels
 
         device = resolve_device(options.device)
+        speed = SpeedOptions.of(options)
         lambda_net = load_lambda_net(folder, spec, backbone.feature_dim, device)
-        backbone.to_runtime(device, resolve_dtype(options.dtype, device), channels_last=options.channels_last)
+        dtype = resolve_dtype(options.dtype, device)
+        precision = _precision(speed.precision, spec.precision)
+        served: ImageBackbone = backbone
         if _wants_onnxruntime(options.runtime, backbone, device):
+            backbone.to_runtime("cpu", torch.float32, channels_last=options.channels_last)  # exported from here
             try:
-                backbone = onnx_backbone(backbone, options.onnx_cache_dir, options.threads)
+                served = onnx_backbone(
+                    backbone,
+                    options.onnx_cache_dir,
+                    options.threads,
+                    precision=precision if device.type == "cpu" else "float32",
+                    calibration=Calibration(_calibration_source(folder, spec.calibration), group=spec.group)
+                    if precision == "int8"
+                    else None,
+                    device=device,
+                    provider=speed.onnx_provider,
+                    fp16=dtype in (torch.float16, torch.bfloat16),
+                )
             except Exception as exc:  # the exporter fails in many ways; torch still serves the model
                 if options.runtime == "onnxruntime":
                     raise ModelLoadError(f"{name}: cannot run the backbone with onnxruntime: {exc}") from exc
                 log.warning("%s: ONNX export failed (%s: %s); serving with torch", name, type(exc).__name__, exc)
+        if served is backbone:
+            backbone.to_runtime(device, dtype, channels_last=options.channels_last)
+        effective = served.precision if isinstance(served, OnnxBackbone) else "float32"
+        if precision == "int8" and effective != "int8":
+            log.warning("%s: int8 needs onnxruntime on the CPU and a fixed-label backbone; serving %s on %s",
+                        name, str(served.dtype).removeprefix("torch."), device.type)  # fmt: skip
+        encode: Any = served.encode
+        if speed.compile_mode != "none":
+            if isinstance(served, OnnxBackbone):
+                log.warning("%s: compile mode %s is for torch backbones; onnxruntime runs as it is",
+                            name, speed.compile_mode)  # fmt: skip
+            elif speed.compile_mode == "cudagraphs" and device.type != "cuda":
+                log.warning("%s: CUDA graphs need a CUDA device; running eagerly on %s", name, device.type)
+            else:
+                encode = BucketedEncoder(served.encode, speed.compile_mode)
         model = EquivariantModel(
-            backbone.encode, backbone.head, image_group(spec.group), lambda_net=lambda_net, zero_loss=spec.zero_loss
+            encode, served.head, image_group(spec.group), lambda_net=lambda_net, zero_loss=spec.zero_loss
         ).eval()
         return cls(
-            spec, backbone, model, lambda_trained=not lambda_net.is_constant, device=device, dtype=backbone.dtype
+            spec,
+            served,
+            model,
+            lambda_trained=not lambda_net.is_constant,
+            device=device,
+            dtype=served.dtype,
+            input_pipeline=_input_pipeline(speed.input_pipeline, device),
         )
 
     @classmethod
@@ -217,19 +299,28 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
         return cleaned
 
     def prepare(self, piece: ImagePiece) -> ImageItem:
-        """Decode (JPEGs at a reduced DCT scale where the input size allows) and preprocess."""
+        """Decode (JPEGs at a reduced DCT scale where the input size allows) and preprocess, as
+        far as the input pipeline does it on the host (see ``ImageItem``)."""
         image = piece.image
+        asked = (piece.method, piece.top_k, piece.labels, piece.probabilities)
         if isinstance(image, Pixels):
-            pixels = self.preprocess_pixels(image.array)
-            return ImageItem(pixels, piece.method, piece.top_k, piece.labels, piece.probabilities)
+            return ImageItem(self.preprocess_pixels(image.array), *asked)
         if isinstance(image, EncodedImage):
+            if self.input_pipeline == "device-decode":
+                opened = open_image(image.data, max_pixels=piece.max_pixels, content_type=image.content_type)
+                if is_plain_jpeg(opened):  # the rest (PNG, CMYK JPEGs, ...) is decoded here
+                    orientation = exif_orientation(opened)
+                    return ImageItem(_NO_PIXELS, *asked, jpeg=image.data, orientation=orientation,
+                                     max_pixels=piece.max_pixels)  # fmt: skip
             image = decode_image(
                 image.data,
                 max_pixels=piece.max_pixels,
                 min_side=self.backbone.input_size,
                 content_type=image.content_type,
             )
-        return ImageItem(self.preprocess(image), piece.method, piece.top_k, piece.labels, piece.probabilities)
+        if self.input_pipeline == "host":
+            return ImageItem(self.preprocess(image), *asked)
+        return ImageItem(crop_uint8(image), *asked)
 
     def preprocess(self, image: np.ndarray) -> Tensor:
         """``uint8 [H, W, 3]`` -> ``[3, S, S]`` float."""
@@ -251,12 +342,55 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
     def labels_for(self, labels: tuple[str, ...] | None) -> list[str]:
         return list(labels) if labels is not None else self.backbone.labels
 
+    def batch_pixels(self, items: list[ImageItem]) -> tuple[Tensor, dict[int, BaseException]]:
+        """The batch's pixels ``[B', 3, S, S]`` float on the device, in item order, and the
+        items that could not be decoded (left out of the tensor)."""
+        size = self.backbone.input_size
+        if all(item.jpeg is None and item.pixels.is_floating_point() for item in items):  # host pipeline
+            pixels = torch.stack([item.pixels for item in items])
+            if self._pin:
+                pixels = pixels.pin_memory()
+            return pixels.to(self.device, non_blocking=True), {}
+        failed: dict[int, BaseException] = {}
+        crops: dict[int, Tensor] = {}
+        jpegs = [i for i, item in enumerate(items) if item.jpeg is not None]
+        decoded = decode_jpegs_on_device([items[i].jpeg or b"" for i in jpegs], self.device) if jpegs else []
+        for i, image in zip(jpegs, decoded, strict=True):
+            item = items[i]
+            if image is None:  # the device decoder refused it: the host decodes it (or says why not)
+                try:
+                    image = crop_uint8(decode_image(item.jpeg or b"", max_pixels=item.max_pixels, min_side=size))
+                except Exception as exc:
+                    failed[i] = exc
+                    continue
+            crops[i] = apply_orientation(image, item.orientation, rows=1)
+        for i, item in enumerate(items):
+            if item.jpeg is None and not item.pixels.is_floating_point():
+                crops[i] = item.pixels
+        ok = [i for i in range(len(items)) if i not in failed]
+        pixels = torch.empty(len(ok), 3, size, size, device=self.device)
+        position = {i: row for row, i in enumerate(ok)}
+        resized = [i for i in ok if i in crops]
+        if resized:
+            rows = torch.tensor([position[i] for i in resized], device=self.device)
+            pixels[rows] = resize_on_device([crops[i] for i in resized], size, self.device, pin=self._pin)
+        ready = [i for i in ok if i not in crops]  # float pixels (Pixels uploads)
+        if ready:
+            rows = torch.tensor([position[i] for i in ready], device=self.device)
+            pixels[rows] = torch.stack([items[i].pixels for i in ready]).to(self.device)
+        return pixels, failed
+
     @torch.inference_mode()
     def __call__(self, items: list[ImageItem]) -> list[ImageResult | BaseException]:
-        pixels = torch.stack([item.pixels for item in items])
-        if self._pin:
-            pixels = pixels.pin_memory()
-        pixels = pixels.to(self.device, non_blocking=True)
+        pixels, failed = self.batch_pixels(items)
+        if not failed:
+            return self._run(items, pixels)
+        ok = [i for i in range(len(items)) if i not in failed]
+        computed = iter(self._run([items[i] for i in ok], pixels) if ok else [])
+        return [failed[i] if i in failed else next(computed) for i in range(len(items))]
+
+    def _run(self, items: list[ImageItem], pixels: Tensor) -> list[ImageResult | BaseException]:
+        """The fused pass over the batch's pixels ``[B, 3, S, S]`` on the device."""
         features, log_lambda = self.model.encode_copies(pixels)  # the one fused backbone call
         assert log_lambda is not None  # the loader always attaches a λ-net
         lambda_weights = torch.softmax(log_lambda.float(), dim=0)
@@ -323,12 +457,27 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
         size = self.backbone.input_size
         methods = list(self.spec.methods)
         labels = ("a cat", "a dog") if self.zero_shot and not self.backbone.labels else None
-        items = [ImageItem(torch.rand(3, size, size), methods[i % len(methods)], 1, labels) for i in range(batch_size)]
+        if isinstance(self.model.encoder, BucketedEncoder):  # every batch-size bucket, built now
+            example = torch.rand(1, 3, size, size, device=self.device)
+            self.model.encoder.warm(batch_size * self.model.group.order, example)
+
+        def pixels() -> Tensor:  # what the input pipeline hands the batch: float, or a uint8 crop to resize
+            if self.input_pipeline == "host":
+                return torch.rand(3, size, size)
+            return torch.randint(0, 256, (3, size + 1, size * 2 + 1), dtype=torch.uint8)
+
+        items = [ImageItem(pixels(), methods[i % len(methods)], 1, labels) for i in range(batch_size)]
         for result in self(items):
             if isinstance(result, BaseException):
                 raise result
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        # The full-size batch grew the runtime's arena and the heap; a server that then idles
+        # (or a replica that is never sent that much) should not keep it. The engine's idle
+        # trim only runs after served batches, so warmup hands it back itself.
+        del items
+        self.release_memory()
+        release_free_memory()
 
     def release_memory(self) -> None:
         self.backbone.release_memory()
@@ -343,11 +492,33 @@ def _labels(folder: Path, labels: list[str] | str | None) -> list[str] | None:
 def _wants_onnxruntime(runtime: str, backbone: ImageBackbone, device: torch.device) -> bool:
     if runtime == "torch":
         return False
-    if runtime == "auto":
+    if runtime == "auto":  # on CUDA torch is the default; onnxruntime's CUDA/TensorRT providers are asked for
         return device.type == "cpu" and can_export(backbone)
-    if device.type != "cpu" or not can_export(backbone):
+    if not can_export(backbone):
         raise ModelLoadError(
-            f"{backbone.name}: runtime onnxruntime needs the CPU and a fixed-label backbone "
+            f"{backbone.name}: runtime onnxruntime needs a fixed-label backbone "
             f"(device {device.type}, zero-shot {backbone.zero_shot})"
         )
     return True
+
+
+def _precision(setting: str, model_precision: str | None) -> str:
+    """An explicit ``EQUISERVE_PRECISION`` wins; ``auto`` takes the model's own, else float32."""
+    return setting if setting != "auto" else model_precision or "float32"
+
+
+def _calibration_source(folder: Path, calibration: str) -> str:
+    """A named calibration set as it is; anything else is a folder inside the model's folder."""
+    if calibration in ("photos", "fashion-mnist"):
+        return calibration
+    path = (folder / calibration).resolve()
+    if folder.resolve() not in path.parents or not path.is_dir():
+        raise ModelLoadError(f"{folder.name}: calibration {calibration!r} is not a folder inside the model folder")
+    return str(path)
+
+
+def _input_pipeline(setting: str, device: torch.device) -> str:
+    """``auto``: decode on a CUDA device (nvJPEG), everything on the host otherwise."""
+    if setting != "auto":
+        return setting
+    return "device-decode" if device.type == "cuda" else "host"

@@ -15,6 +15,14 @@ class ClassifySpec(TaskSpec):
     task: Literal["classify"] = "classify"
     head: str | None = Field(None, description="safetensors file of a linear head (weight, bias)")
     labels: list[str] | str | None = Field(None, description="label names, or a text file with one per line")
+    precision: Literal["float32", "int8"] | None = Field(
+        None, description="backbone precision on the CPU (onnxruntime); None: the server's EQUISERVE_PRECISION"
+    )
+    calibration: str = Field(
+        "photos",
+        description="int8 calibration images: 'photos' (the web examples and scikit-image's photos), "
+        "'fashion-mnist' (its training images), or a folder inside the model folder",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ClassifySpec:
