@@ -57,7 +57,7 @@ def test_equizero_trains_on_the_most_confident_copy_with_equitunes_gradient() ->
     ]  # each copy's loss
     confidence = copies.aligned[:, 0].exp().amax(-1).mean(-1)  # mean max-probability per copy
     loss = method_loss(model, group, batch, Method.EQUIZERO)
-    assert float(loss.detach()) == pytest.approx(float(nll[int(confidence.argmax())]), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(nll[int(confidence.argmax())].detach()), rel=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
     for method in Method:
