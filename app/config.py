@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     max_commands: int = Field(64, ge=1, description="translate: commands per request (413)")
     max_command_words: int = Field(9, ge=1, description="translate: words per command (422); SCAN's longest has 9")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    processes: int = Field(
+        1,
+        ge=1,
+        description="server processes sharing host:port (SO_REUSEPORT), each with its own engine and models: "
+        "several per GPU keep it busy while each one's Python works; /metrics is per process",
+    )
+    reuse_port: bool = Field(
+        False, description="bind with SO_REUSEPORT (set for each process by --processes; for running several by hand)"
+    )
 
     # speed: precision, runtimes and the input pipeline (docs/performance.md). LoadOptions carries
     # them to the task loaders under the same names.

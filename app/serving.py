@@ -7,6 +7,8 @@ import argparse
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from typing import Any
@@ -72,12 +74,67 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def serve(settings: Settings) -> int:
+    if settings.processes > 1:
+        return serve_processes(settings)
     from app.server import create_app
 
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app.state.engine, settings.drain_timeout_s)
-    server.run()
+    server.run(listening_socket(settings) if settings.reuse_port else None)
     return 0 if server.started else 1
+
+
+def listening_socket(settings: Settings) -> socket.socket:
+    """host:port bound with SO_REUSEPORT: the kernel spreads new connections over every process
+    bound this way (Linux), so several servers share one port without a proxy."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.host, settings.port))
+    return sock
+
+
+def setting_environment(settings: Settings) -> dict[str, str]:
+    """``settings`` as ``EQUISERVE_*`` variables, as a child process reads them back."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, list):
+            value = ",".join(map(str, value))
+        env[f"EQUISERVE_{name.upper()}"] = str(value)
+    return env
+
+
+def serve_processes(settings: Settings) -> int:
+    """``settings.processes`` servers on one port (SO_REUSEPORT), each a ``python -m app serve``
+    with the same settings. SIGTERM/SIGINT go to every one of them (each drains on its own);
+    when one exits, the others are stopped too, and the exit status is the worst of theirs, so
+    an orchestrator sees one replica fail, not a degraded one that keeps running."""
+    env = {**os.environ, **setting_environment(settings), "EQUISERVE_PROCESSES": "1", "EQUISERVE_REUSE_PORT": "true"}
+    children = [subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env) for _ in range(settings.processes)]
+    log.info("serving with %d processes on %s:%d: pids %s", len(children), settings.host, settings.port,
+             [c.pid for c in children])  # fmt: skip
+
+    signalled: list[int] = []
+
+    def forward(sig: int, frame: Any) -> None:
+        signalled.append(sig)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    if not signalled:  # one died on its own: stop the others (one signal: they drain; a second would not)
+        forward(signal.SIGTERM, None)
+    codes = [child.wait() for child in children]
+    return max((abs(code) for code in codes), default=0)
 
 
 def uvicorn_config(app: Any, settings: Settings) -> Any:
@@ -134,5 +191,5 @@ class DrainingServer:
     def started(self) -> bool:
         return bool(self._server.started)
 
-    def run(self) -> None:
-        self._server.run()
+    def run(self, sock: socket.socket | None = None) -> None:
+        self._server.run(sockets=[sock] if sock is not None else None)

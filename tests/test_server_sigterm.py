@@ -1,8 +1,10 @@
 """The real server process: SIGTERM drains (ready 503, new requests 503, accepted ones answered,
-exit code 0); a broken model repository fails start-up with a clear error and exit code != 0."""
+exit code 0); a broken model repository fails start-up with a clear error and exit code != 0;
+--processes: several servers on one port, drained together, stopped together."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.apptools import free_port, start_server, wait_ready
+from tests.apptools import ServerProcess, free_port, start_server, wait_ready
 from tests.conftest import png_bytes
 
 pytestmark = pytest.mark.slow
@@ -86,3 +88,68 @@ def test_corrupt_weights_fail_start_up_naming_the_file(tiny_models_dir: Path) ->
             process.kill()
     assert code != 0
     assert "lambda_net.safetensors" in output
+
+
+def _children(process: ServerProcess, count: int) -> list[int]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = re.search(r"serving with (\d+) processes on \S+: pids \[([\d, ]+)\]", process.output())
+        if m:
+            pids = [int(p) for p in m[2].split(",")]
+            assert int(m[1]) == len(pids) == count
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(process.output())
+
+
+def test_processes_share_the_port_and_drain_together(tiny_models_dir: Path) -> None:
+    import psutil
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = start_server(tiny_models_dir, port, "--processes", "2")
+    try:
+        pids = _children(process, 2)
+        wait_ready(base, process)
+
+        def listening_ports(pid: int) -> list[int]:
+            child = psutil.Process(pid)
+            connections = getattr(child, "net_connections", child.connections)  # renamed in psutil 6
+            return [c.laddr.port for c in connections("tcp") if c.status == psutil.CONN_LISTEN]
+
+        # Each child listens on the port itself (SO_REUSEPORT), no proxy in between; the first one
+        # ready made the port answer, the other may still be loading its models.
+        deadline = time.monotonic() + 60
+        while any(listening_ports(pid) != [port] for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [listening_ports(pid) for pid in pids] == [[port], [port]]
+        image = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        for _ in range(6):  # a new connection each time: the kernel spreads them; every one is answered
+            r = httpx.post(f"{base}/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
+            assert r.status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, process.output()
+        assert process.output().count("stopped: every accepted request was answered") == 2
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_dead_process_stops_the_replica(tiny_models_dir: Path) -> None:
+    import psutil
+
+    port = free_port()
+    process = start_server(tiny_models_dir, port, "--processes", "2")
+    try:
+        first, second = _children(process, 2)
+        wait_ready(f"http://127.0.0.1:{port}", process)
+        psutil.Process(first).kill()
+        # the other one is stopped (drained) and the replica exits non-zero, for the orchestrator to restart
+        assert process.wait(timeout=60) != 0
+        assert not (psutil.pid_exists(second) and psutil.Process(second).status() != "zombie")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
