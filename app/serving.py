@@ -109,13 +109,25 @@ def setting_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM it when the supervisor dies, even by SIGKILL (Linux), so
+    no server is left holding the port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def serve_processes(settings: Settings) -> int:
     """``settings.processes`` servers on one port (SO_REUSEPORT), each a ``python -m app serve``
     with the same settings. SIGTERM/SIGINT go to every one of them (each drains on its own);
     when one exits, the others are stopped too, and the exit status is the worst of theirs, so
     an orchestrator sees one replica fail, not a degraded one that keeps running."""
     env = {**os.environ, **setting_environment(settings), "EQUISERVE_PROCESSES": "1", "EQUISERVE_REUSE_PORT": "true"}
-    children = [subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env) for _ in range(settings.processes)]
+    children = [
+        subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env, preexec_fn=_die_with_parent)
+        for _ in range(settings.processes)
+    ]
     log.info("serving with %d processes on %s:%d: pids %s", len(children), settings.host, settings.port,
              [c.pid for c in children])  # fmt: skip
 

@@ -26,6 +26,7 @@ process with the same models, so that before/after is one run on one card:
   there in batches (nvJPEG), resized and normalised there (uint8 crosses the bus);
 * ``after-cudagraphs``: ``after`` with ``--compile-mode cudagraphs`` (one CUDA graph per
   power-of-two batch bucket; its raw ceiling is measured too);
+* ``after-2proc``: ``after`` with ``--processes 2`` (two servers sharing the port and the card);
 * ``onnx-cuda`` (EfficientNet-Lite0 only: CLIP zero-shot does not export) and ``onnx-tensorrt``:
   onnxruntime's CUDA / TensorRT execution providers instead of torch, when the installed
   onnxruntime has them (the ``gpu`` extra: onnxruntime-gpu); left out, and said so, when not.
@@ -68,6 +69,7 @@ VARIANTS: dict[str, tuple[list[str], tuple[str, ...] | None]] = {
         ["--input-pipeline", "device-decode", "--compile-mode", "cudagraphs", "--runtime", "torch"],
         None,
     ),
+    "after-2proc": (["--input-pipeline", "device-decode", "--runtime", "torch", "--processes", "2"], None),
     "onnx-cuda": (
         ["--input-pipeline", "device-decode", "--runtime", "onnxruntime", "--onnx-provider", "cuda"],
         ("imagenet-effnet-c4",),
@@ -235,7 +237,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         choices=tuple(VARIANTS),
-        help="server variants (GPU: before after after-cudagraphs onnx-cuda; smoke: before after)",
+        help="server variants (GPU: before after after-cudagraphs onnx-cuda after-2proc; smoke: before after)",
     )
     parser.add_argument("--models", nargs="+", default=[CLIP, EFFNET], choices=(CLIP, EFFNET))
     parser.add_argument("--note", default="")
@@ -246,7 +248,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.concurrency = args.concurrency or ([1, 4] if smoke else [1, 64, 128])
     args.duration = args.duration or (3.0 if smoke else 10.0)
     args.variants = args.variants or (
-        ["before", "after"] if smoke else ["before", "after", "after-cudagraphs", "onnx-cuda"]
+        ["before", "after"] if smoke else ["before", "after", "after-cudagraphs", "onnx-cuda", "after-2proc"]
     )
     args.warmup = args.warmup if args.warmup is not None else (1.0 if smoke else 2.0)
     args.warmup = min(args.warmup, args.duration / 3)  # most of each segment is measured

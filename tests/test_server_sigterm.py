@@ -153,3 +153,21 @@ def test_a_dead_process_stops_the_replica(tiny_models_dir: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_killing_the_supervisor_stops_its_processes(tiny_models_dir: Path) -> None:
+    import psutil
+
+    port = free_port()
+    process = start_server(tiny_models_dir, port, "--processes", "2")
+    try:
+        pids = _children(process, 2)
+        wait_ready(f"http://127.0.0.1:{port}", process)
+        process.kill()  # SIGKILL: no chance to forward anything
+        process.wait()
+        gone = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=60)[1]
+        assert not gone, f"still running after the supervisor died: {gone}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
