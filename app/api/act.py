@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.tasks.act.messages import ActOutput, ActRequest
 
-from .common import already_read, engine_of, error_responses, require_api_key, timing_body, until_disconnected
+from .common import error_responses, infer_parsed, require_api_key, timing_body
 from .schemas import Timing
 
 ERRORS = error_responses(
@@ -90,12 +90,7 @@ def build_act_router() -> APIRouter:
         summary="Act in an environment with an equivariant Q-network",
     )
     async def act(name: str, body: ActBody, request: Request) -> Response:
-        engine = engine_of(request)
-        output = await until_disconnected(
-            request,
-            lambda read: engine.infer(name, "act", read, request_id=request.state.request_id),
-            already_read(ActRequest(body.observations, body.method)),
-        )
+        output = await infer_parsed(request, name, "act", ActRequest(body.observations, body.method))
         return JSONResponse(act_response(output))
 
     return router

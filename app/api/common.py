@@ -115,10 +115,14 @@ def timing_body(timing: Timing) -> dict[str, Any]:
     }
 
 
-def already_read(body: T) -> Callable[[], Awaitable[T]]:
-    """A body reader for ``until_disconnected`` when FastAPI has read and validated the body."""
+async def infer_parsed(request: Request, name: str, task: str, payload: Any) -> Any:
+    """``engine.infer`` for a body FastAPI has already read and validated (JSON routes), given up
+    when the client disconnects before its answer is ready."""
+    engine = engine_of(request)
 
-    async def read() -> T:
-        return body
+    async def read() -> Any:
+        return payload
 
-    return read
+    return await until_disconnected(
+        request, lambda read: engine.infer(name, task, read, request_id=request.state.request_id), read
+    )

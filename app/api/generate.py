@@ -20,7 +20,7 @@ from app.engine.engine import StreamEvent
 from app.engine.errors import EngineError
 from app.tasks.generate.messages import GenerateOutput, GenerateRequest
 
-from .common import already_read, engine_of, error_responses, require_api_key, timing_body, until_disconnected
+from .common import engine_of, error_responses, infer_parsed, require_api_key, timing_body
 
 ERRORS = error_responses(
     e400="the body is not valid JSON",
@@ -134,17 +134,10 @@ def build_generate_router() -> APIRouter:
         summary="Generate text with a language model made fair by a word-swap group (EquiLM)",
     )
     async def generate(name: str, body: GenerateBody, request: Request) -> Response:
-        engine, request_id = engine_of(request), request.state.request_id
-        generate_request = GenerateRequest(**body.model_dump(exclude={"stream"}))
-
+        generate_request, request_id = GenerateRequest(**body.model_dump(exclude={"stream"})), request.state.request_id
         if not body.stream:
-            output = await until_disconnected(
-                request,
-                lambda read: engine.infer(name, "generate", read, request_id=request_id),
-                already_read(generate_request),
-            )
-            return JSONResponse(generate_response(output))
-        events = engine.stream(name, "generate", generate_request, request_id=request_id)
+            return JSONResponse(generate_response(await infer_parsed(request, name, "generate", generate_request)))
+        events = engine_of(request).stream(name, "generate", generate_request, request_id=request_id)
         try:
             first = await anext(events)  # errors while queued still get their HTTP status
         except BaseException:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.tasks.translate.messages import TranslateOutput, TranslateRequest
 
-from .common import already_read, engine_of, error_responses, require_api_key, timing_body, until_disconnected
+from .common import error_responses, infer_parsed, require_api_key, timing_body
 from .schemas import Timing
 
 ERRORS = error_responses(
@@ -91,12 +91,7 @@ def build_translate_router() -> APIRouter:
         summary="Translate SCAN commands with an equivariant seq2seq model",
     )
     async def translate(name: str, body: TranslateBody, request: Request) -> Response:
-        engine = engine_of(request)
-        output = await until_disconnected(
-            request,
-            lambda read: engine.infer(name, "translate", read, request_id=request.state.request_id),
-            already_read(TranslateRequest(body.commands, body.method)),
-        )
+        output = await infer_parsed(request, name, "translate", TranslateRequest(body.commands, body.method))
         return JSONResponse(translate_response(output))
 
     return router

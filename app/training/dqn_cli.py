@@ -22,7 +22,7 @@ from app.cli import add_models_dir, configure_logging
 if TYPE_CHECKING:
     from .dqn import DQNConfig
 
-METHODS = ("vanilla", "equitune", "equizero", "lambda")
+METHODS = ("vanilla", "equitune", "equizero", "lambda")  # app.equivariance.methods.Method (which imports torch)
 
 
 def add_parsers(commands: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from app.config import Settings
 from app.engine.errors import InvalidInput, TooLarge
 from app.engine.registry import ModelLoadError, file_in, load_lambda_net, load_tensors
 from app.equivariance.lambda_net import LambdaNet
@@ -30,8 +31,9 @@ from .seq2seq import Seq2Seq, state_dict_config
 from .spec import TranslateSpec
 from .vocab import ACTION_EOS, ACTION_SOS, ACTIONS_VOCAB, COMMAND_PAD, COMMANDS, UnknownToken
 
-DEFAULT_MAX_COMMANDS = 64
-DEFAULT_MAX_COMMAND_WORDS = 9  # SCAN's longest command
+# The server's defaults (EQUISERVE_MAX_COMMANDS, EQUISERVE_MAX_COMMAND_WORDS), for callers without settings.
+DEFAULT_MAX_COMMANDS: int = Settings.model_fields["max_commands"].default
+DEFAULT_MAX_COMMAND_WORDS: int = Settings.model_fields["max_command_words"].default
 WARMUP_COMMANDS = ("jump twice after walk around left thrice", "turn right", "run opposite left and look thrice")
 
 
