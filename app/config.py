@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         description="image backbones on the CPU: int8 = onnxruntime static quantization (calibrated, cached); "
         "auto = each model's model.yaml `precision`, else float32",
     )
+    onnx_spin: bool = Field(
+        False,
+        description="onnxruntime's intra-op threads spin-wait for work between operators: a little faster on "
+        "cores of one's own, but the spinning takes the cores that decoding and the event loop need",
+    )
     onnx_provider: Literal["auto", "cuda", "tensorrt", "cpu"] = Field(
         "auto", description="onnxruntime execution provider on CUDA (runtime onnxruntime; needs onnxruntime-gpu)"
     )

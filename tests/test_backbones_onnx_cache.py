@@ -13,7 +13,9 @@ from app.backbones import onnx_cache
 from app.backbones.onnx_cache import export_key, onnx_backbone
 from app.backbones.onnx_runtime import OnnxBackbone
 from app.backbones.torchvision_cnn import TorchvisionClassifier
+from app.config import Settings
 from app.engine.registry import ModelLoadError, load_model
+from app.tasks.base import LoadOptions
 from tests.conftest import write_tiny_model
 
 SIZE = 32
@@ -54,6 +56,24 @@ def test_onnxruntime_matches_torch_and_exports_once(cache_dir: Path, monkeypatch
         expected = backbone(pixels)
         for served in (first, second):
             torch.testing.assert_close(served.head(served.encode(pixels)), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_intra_op_spinning_is_off_unless_asked(tmp_path: Path, cache_dir: Path) -> None:
+    """EQUISERVE_ONNX_SPIN reaches the session of a loaded model; by default the threads sleep."""
+
+    def spinning(spin: bool | None) -> str:
+        options = LoadOptions(device="cpu", runtime="onnxruntime", onnx_cache_dir=cache_dir)
+        if spin is not None:
+            options = LoadOptions.from_settings(
+                Settings(models_dir=tmp_path, device="cpu", runtime="onnxruntime", onnx_spin=spin,
+                         onnx_cache_dir=cache_dir)
+            )  # fmt: skip
+        backbone = load_model(tmp_path, "tiny", options=options).backbone
+        assert isinstance(backbone, OnnxBackbone)
+        return backbone.session_options.get_session_config_entry("session.intra_op.allow_spinning")
+
+    write_tiny_model(tmp_path)
+    assert (spinning(None), spinning(False), spinning(True)) == ("0", "0", "1")
 
 
 def test_the_key_covers_weights_head_and_labels() -> None:

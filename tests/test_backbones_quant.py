@@ -70,8 +70,12 @@ def test_precision_resolution() -> None:
     assert _precision("int8", None) == "int8"
     assert SpeedOptions.of(LoadOptions()) == SpeedOptions()
     assert SpeedOptions.of(LoadOptions(precision="int8")).precision == "int8"
-    settings = Settings(precision="int8", input_pipeline="device", onnx_provider="cuda", compile_mode="compile")
-    assert SpeedOptions.of(LoadOptions.from_settings(settings)) == SpeedOptions("int8", "cuda", "device", "compile")
+    settings = Settings(
+        precision="int8", input_pipeline="device", onnx_provider="cuda", onnx_spin=True, compile_mode="compile"
+    )
+    assert SpeedOptions.of(LoadOptions.from_settings(settings)) == SpeedOptions(
+        precision="int8", onnx_provider="cuda", onnx_spin=True, input_pipeline="device", compile_mode="compile"
+    )
 
 
 def test_int8_graph_is_quantized_cached_and_keyed_apart(

@@ -65,13 +65,17 @@ def export_key(backbone: ImageBackbone) -> str:
     return digest.hexdigest()[:24]
 
 
-def session_options(threads: int | None) -> object:
+def session_options(threads: int | None, *, spin: bool = False) -> object:
+    """``spin``: onnxruntime's default, where the intra-op threads busy-wait between operators
+    and after a run. Off, they sleep: on a shared or small CPU the spinning threads otherwise
+    hold the cores that decoding, the event loop and the next request are waiting for."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
 
 
@@ -94,6 +98,7 @@ def onnx_backbone(
     device: str | torch.device = "cpu",
     provider: str = "auto",
     fp16: bool = False,
+    spin: bool = False,
 ) -> OnnxBackbone:
     """``backbone`` (float32, on the CPU) as an ``OnnxBackbone`` on ``device``, exported once per key.
 
@@ -130,7 +135,7 @@ def onnx_backbone(
     return OnnxBackbone(
         path,
         device=device,
-        session_options=session_options(threads),
+        session_options=session_options(threads, spin=spin),
         provider=provider,
         tensorrt_cache=cache_dir / "tensorrt",
         fp16=fp16,

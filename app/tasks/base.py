@@ -96,6 +96,7 @@ class LoadOptions:
     # speed (Settings' `# speed` block; docs/performance.md)
     precision: str = "auto"  # image backbones on the CPU: auto | float32 | int8
     onnx_provider: str = "auto"  # onnxruntime on CUDA: auto | cuda | tensorrt | cpu
+    onnx_spin: bool = False  # onnxruntime's intra-op threads spin-wait between operators
     input_pipeline: str = "auto"  # auto | host | device | device-decode
     compile_mode: str = "none"  # torch backbones: none | compile | cudagraphs
 
@@ -110,6 +111,7 @@ class LoadOptions:
             threads=settings.torch_threads,
             precision=settings.precision,
             onnx_provider=settings.onnx_provider,
+            onnx_spin=settings.onnx_spin,
             input_pipeline=settings.input_pipeline,
             compile_mode=settings.compile_mode,
         )

@@ -109,6 +109,7 @@ class SpeedOptions:
 
     precision: str = "auto"
     onnx_provider: str = "auto"
+    onnx_spin: bool = False
     input_pipeline: str = "auto"
     compile_mode: str = "none"
 
@@ -186,6 +187,7 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
                     else None,
                     device=device,
                     provider=speed.onnx_provider,
+                    spin=speed.onnx_spin,
                     fp16=dtype in (torch.float16, torch.bfloat16),
                 )
             except Exception as exc:  # the exporter fails in many ways; torch still serves the model
