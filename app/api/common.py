@@ -28,8 +28,11 @@ def settings_of(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def require_api_key(request: Request) -> None:
-    """Bearer auth for inference routes when ``EQUISERVE_API_KEY`` is set (constant-time compare)."""
+async def require_api_key(request: Request) -> None:
+    """Bearer auth for inference routes when ``EQUISERVE_API_KEY`` is set (constant-time compare).
+
+    ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency in its thread
+    pool, one more thread hop on every request."""
     key = settings_of(request).api_key
     if key is None:
         return

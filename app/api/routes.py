@@ -37,7 +37,7 @@ def build_router() -> APIRouter:
     @router.get("/metrics", tags=["metrics"], response_class=Response)
     async def metrics(request: Request) -> Response:
         if settings_of(request).protect_metrics:
-            require_api_key(request)
+            await require_api_key(request)
         return Response(engine_of(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return router
