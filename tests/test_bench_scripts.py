@@ -52,6 +52,7 @@ def test_bench_service_smoke(tmp_path: Path, tiny_dir: Path) -> None:
         "engine",
         "naive",
         "naive-ort",
+        "litserve",
         "--concurrency",
         "1",
         "2",
@@ -76,7 +77,7 @@ def test_bench_service_smoke(tmp_path: Path, tiny_dir: Path) -> None:
         str(out),
     )
     report = read(out)
-    assert [s["server"] for s in report["servers"]] == ["equiserve", "engine", "naive", "naive-ort"]
+    assert [s["server"] for s in report["servers"]] == ["equiserve", "engine", "naive", "naive-ort", "litserve"]
     assert report["raw_ceiling"]["info"]["runtime"] == "onnxruntime"  # the default, as served
     assert "--runtime" in report["servers"][0]["argv"] and "onnxruntime" in report["servers"][3]["argv"]
     assert all(r.get("service_over_engine") for r in report["analysis"]["ratios"])  # HTTP vs in process
