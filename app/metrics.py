@@ -2,9 +2,16 @@
 
 One ``Metrics`` object per app, on its own registry: several apps (tests, benchmarks) can
 live in one process without clashing on prometheus_client's global registry.
+
+Several server processes on one port (``serve --processes N``) are one replica to whoever
+scrapes it: the supervisor gives them a shared ``PROMETHEUS_MULTIPROC_DIR``, prometheus_client
+then keeps every value in a file there, and ``/metrics``, whichever process answers, reports
+all of them: counters and histograms summed, the gauges as their modes below say.
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,6 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # ``*_created`` timestamps double the series count and no dashboard of ours reads them.
 disable_created_metrics()
@@ -25,7 +33,10 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 LAMBDA_ENTROPY_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.1, 2.2)
 
-__all__ = ["CONTENT_TYPE_LATEST", "LATENCY_BUCKETS", "Metrics", "batch_size_buckets"]
+__all__ = ["CONTENT_TYPE_LATEST", "LATENCY_BUCKETS", "MULTIPROCESS_DIR", "Metrics", "batch_size_buckets"]
+
+# prometheus_client's own variable: set before the process creates its first metric.
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -61,8 +72,15 @@ class Metrics:
             "equiserve_batch_size", "Images per fused forward pass",
             ["model"], buckets=batch_size_buckets(max_batch_size), registry=r,
         )  # fmt: skip
-        self.queue_depth = Gauge("equiserve_queue_depth", "Images waiting in the batch queue", ["model"], registry=r)
-        self.inflight = Gauge("equiserve_inflight_requests", "Inference requests being handled", registry=r)
+        # Across processes (multiprocess mode only): each process queues and handles its own
+        # requests, so the replica's figure is the sum over the live ones.
+        self.queue_depth = Gauge(
+            "equiserve_queue_depth", "Images waiting in the batch queue", ["model"], registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "equiserve_inflight_requests", "Inference requests being handled", registry=r, multiprocess_mode="livesum"
+        )
         self.rejected = Counter(
             "equiserve_rejected_requests", "Requests refused before inference", ["model", "reason"], registry=r
         )
@@ -75,8 +93,14 @@ class Metrics:
         )
         self.model_info = Gauge(
             "equiserve_model_info", "Loaded models (value 1)", ["model", "backbone", "group", "device", "dtype"],
-            registry=r,
+            registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text format of every metric: this process's, or every process's in multiprocess mode."""
+        folder = os.environ.get(MULTIPROCESS_DIR)
+        if not folder:
+            return generate_latest(self.registry)
+        everyone = CollectorRegistry()
+        MultiProcessCollector(everyone, path=folder)
+        return generate_latest(everyone)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -122,15 +124,46 @@ def serve_processes(settings: Settings) -> int:
     """``settings.processes`` servers on one port (SO_REUSEPORT), each a ``python -m app serve``
     with the same settings. SIGTERM/SIGINT go to every one of them (each drains on its own);
     when one exits, the others are stopped too, and the exit status is the worst of theirs, so
-    an orchestrator sees one replica fail, not a degraded one that keeps running."""
-    env = {**os.environ, **setting_environment(settings), "EQUISERVE_PROCESSES": "1", "EQUISERVE_REUSE_PORT": "true"}
+    an orchestrator sees one replica fail, not a degraded one that keeps running.
+
+    Their metrics are merged (``app.metrics``): in the folder ``PROMETHEUS_MULTIPROC_DIR`` names,
+    which must then be empty at the start, or else in a fresh one removed at the end."""
+    from prometheus_client import multiprocess
+
+    from app.metrics import MULTIPROCESS_DIR
+
+    given = os.environ.get(MULTIPROCESS_DIR)
+    metrics_dir = given or tempfile.mkdtemp(prefix="equiserve-metrics-")
+    try:
+        children = _start_children(settings, {MULTIPROCESS_DIR: metrics_dir})
+        codes = _supervise(children)
+        for child in children:
+            multiprocess.mark_process_dead(child.pid, metrics_dir)  # its live gauges go
+    finally:
+        if not given:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return max((abs(code) for code in codes), default=0)
+
+
+def _start_children(settings: Settings, extra_env: dict[str, str]) -> list[subprocess.Popen]:
+    env = {
+        **os.environ,
+        **setting_environment(settings),
+        **extra_env,
+        "EQUISERVE_PROCESSES": "1",
+        "EQUISERVE_REUSE_PORT": "true",
+    }
     children = [
         subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env, preexec_fn=_die_with_parent)
         for _ in range(settings.processes)
     ]
     log.info("serving with %d processes on %s:%d: pids %s", len(children), settings.host, settings.port,
              [c.pid for c in children])  # fmt: skip
+    return children
 
+
+def _supervise(children: list[subprocess.Popen]) -> list[int]:
+    """Forward SIGTERM/SIGINT to every child until all have exited; their exit codes."""
     signalled: list[int] = []
 
     def forward(sig: int, frame: Any) -> None:
@@ -145,8 +178,7 @@ def serve_processes(settings: Settings) -> int:
         time.sleep(0.2)
     if not signalled:  # one died on its own: stop the others (one signal: they drain; a second would not)
         forward(signal.SIGTERM, None)
-    codes = [child.wait() for child in children]
-    return max((abs(code) for code in codes), default=0)
+    return [child.wait() for child in children]
 
 
 def uvicorn_config(app: Any, settings: Settings) -> Any:

@@ -90,6 +90,18 @@ def test_corrupt_weights_fail_start_up_naming_the_file(tiny_models_dir: Path) ->
     assert "lambda_net.safetensors" in output
 
 
+def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics`` on a new connection, as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", headers={"connection": "close"}, timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def _children(process: ServerProcess, count: int) -> list[int]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -124,9 +136,18 @@ def test_processes_share_the_port_and_drain_together(tiny_models_dir: Path) -> N
             time.sleep(0.2)
         assert [listening_ports(pid) for pid in pids] == [[port], [port]]
         image = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-        for _ in range(6):  # a new connection each time: the kernel spreads them; every one is answered
+        for _ in range(20):  # a new connection each time: the kernel spreads them; every one is answered
             r = httpx.post(f"{base}/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
             assert r.status_code == 200
+        # One replica to Prometheus: whichever process answers the scrape reports all 20.
+        for _ in range(6):
+            samples = scrape(base)
+            assert samples[("equiserve_requests_total", (("endpoint", "classify"), ("model", "tiny"),
+                                                          ("status", "200")))] == 20  # fmt: skip
+            assert samples[("equiserve_batch_size_count", (("model", "tiny"),))] == 20
+            assert samples[("equiserve_inflight_requests", ())] == 0
+            info = [value for (name, _), value in samples.items() if name == "equiserve_model_info"]
+            assert info == [1.0]  # one series per model, not one per process
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, process.output()
         assert process.output().count("stopped: every accepted request was answered") == 2
