@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         1,
         ge=1,
         description="server processes sharing host:port (SO_REUSEPORT), each with its own engine and models: "
-        "several per GPU keep it busy while each one's Python works; /metrics is per process",
+        "several per GPU keep it busy while each one's Python works; /metrics reports them all",
     )
     reuse_port: bool = Field(
         False, description="bind with SO_REUSEPORT (set for each process by --processes; for running several by hand)"
@@ -98,6 +98,11 @@ class Settings(BaseSettings):
         False,
         description="onnxruntime's intra-op threads spin-wait for work between operators: a little faster on "
         "cores of one's own, but the spinning takes the cores that decoding and the event loop need",
+    )
+    tune_batch_size: bool = Field(
+        True,
+        description="image models on the CPU: warmup times the fused pass at 1, 2, 4, ... max_batch_size images "
+        "and caps batches at the size cheapest per image (big CPU batches can cost more per image)",
     )
     onnx_provider: Literal["auto", "cuda", "tensorrt", "cpu"] = Field(
         "auto", description="onnxruntime execution provider on CUDA (runtime onnxruntime; needs onnxruntime-gpu)"

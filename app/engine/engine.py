@@ -102,10 +102,10 @@ class Engine:
                 model.warmup(model.max_batch_size(self.settings.max_batch_size))
             self.models[name] = model
             log.info(
-                "loaded %s (%s %s on %s, group %s = %d copies, λ %s, %s/%s) in %.1f s",
+                "loaded %s (%s %s on %s, group %s = %d copies, λ %s, %s/%s, batches of up to %d) in %.1f s",
                 name, spec.task, model.backbone_name, model.runtime, spec.group, len(model.transforms),
                 "trained" if model.lambda_trained else "uniform", model.device, str(model.dtype).removeprefix("torch."),
-                time.perf_counter() - started,
+                model.max_batch_size(self.settings.max_batch_size), time.perf_counter() - started,
             )  # fmt: skip
         if not self.models:
             raise ModelLoadError(f"no model to serve in {self.settings.models_dir}")

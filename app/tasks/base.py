@@ -97,6 +97,7 @@ class LoadOptions:
     precision: str = "auto"  # image backbones on the CPU: auto | float32 | int8
     onnx_provider: str = "auto"  # onnxruntime on CUDA: auto | cuda | tensorrt | cpu
     onnx_spin: bool = False  # onnxruntime's intra-op threads spin-wait between operators
+    tune_batch_size: bool = True  # image models on the CPU: cap batches at the size warmup found cheapest
     input_pipeline: str = "auto"  # auto | host | device | device-decode
     compile_mode: str = "none"  # torch backbones: none | compile | cudagraphs
 
@@ -112,6 +113,7 @@ class LoadOptions:
             precision=settings.precision,
             onnx_provider=settings.onnx_provider,
             onnx_spin=settings.onnx_spin,
+            tune_batch_size=settings.tune_batch_size,
             input_pipeline=settings.input_pipeline,
             compile_mode=settings.compile_mode,
         )

@@ -9,6 +9,7 @@ method the copies are combined. Everything leaves the device in one transfer per
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -27,6 +28,7 @@ from app.backbones.onnx_cache import can_export, onnx_backbone
 from app.backbones.onnx_quant import Calibration
 from app.backbones.onnx_runtime import OnnxBackbone
 from app.backbones.preprocess import crop_uint8, pixels_from_uint8, resize_center_crop, resize_on_device
+from app.engine.batch_sizing import fastest_batch_size
 from app.engine.errors import InvalidInput, TooLarge
 from app.engine.memory import release_free_memory
 from app.engine.registry import (
@@ -110,6 +112,7 @@ class SpeedOptions:
     precision: str = "auto"
     onnx_provider: str = "auto"
     onnx_spin: bool = False
+    tune_batch_size: bool = True
     input_pipeline: str = "auto"
     compile_mode: str = "none"
 
@@ -133,11 +136,15 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
         model: EquivariantModel,
         *,
         input_pipeline: str = "host",
+        tune_batch_size: bool = False,
         **kw: Any,
     ) -> None:
         super().__init__(spec, **kw)
         self.backbone = backbone
         self.model = model
+        self.tune_batch_size = tune_batch_size
+        self.batch_limit: int | None = None  # set by warmup: the batch size cheapest per image here
+        self.batch_costs_s: dict[int, float] = {}  # what warmup measured: seconds per image by batch size
         self._pin = self.device.type == "cuda"
         if input_pipeline not in INPUT_PIPELINES:
             raise ValueError(f"unknown input pipeline {input_pipeline!r}; choose from {INPUT_PIPELINES}")
@@ -220,6 +227,7 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
             device=device,
             dtype=served.dtype,
             input_pipeline=_input_pipeline(speed.input_pipeline, device),
+            tune_batch_size=speed.tune_batch_size,
         )
 
     @classmethod
@@ -455,13 +463,27 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
         return results
 
     def warmup(self, batch_size: int) -> None:
-        """A full-size batch with every method, so the first real request pays nothing."""
+        """A full-size batch with every method, so the first real request pays nothing. On the
+        CPU (``tune_batch_size``) also the batch sizes up to ``batch_size``, timed, to cap
+        batches at the one cheapest per image (``app.engine.batch_sizing``)."""
+        if isinstance(self.model.encoder, BucketedEncoder):  # every batch-size bucket, built now
+            size = self.backbone.input_size
+            example = torch.rand(1, 3, size, size, device=self.device)
+            self.model.encoder.warm(batch_size * self.model.group.order, example)
+        self._run_warmup_batch(batch_size)
+        if self.tune_batch_size and self.device.type == "cpu" and batch_size > 1:
+            self.batch_limit, self.batch_costs_s = fastest_batch_size(self._run_warmup_batch, batch_size)
+        # The full-size batch grew the runtime's arena and the heap; a server that then idles
+        # (or a replica that is never sent that much) should not keep it. The engine's idle
+        # trim only runs after served batches, so warmup hands it back itself.
+        self.release_memory()
+        release_free_memory()
+
+    def _run_warmup_batch(self, batch_size: int) -> float:
+        """One pass over ``batch_size`` random images, every method among them; its seconds."""
         size = self.backbone.input_size
         methods = list(self.spec.methods)
         labels = ("a cat", "a dog") if self.zero_shot and not self.backbone.labels else None
-        if isinstance(self.model.encoder, BucketedEncoder):  # every batch-size bucket, built now
-            example = torch.rand(1, 3, size, size, device=self.device)
-            self.model.encoder.warm(batch_size * self.model.group.order, example)
 
         def pixels() -> Tensor:  # what the input pipeline hands the batch: float, or a uint8 crop to resize
             if self.input_pipeline == "host":
@@ -469,17 +491,16 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
             return torch.randint(0, 256, (3, size + 1, size * 2 + 1), dtype=torch.uint8)
 
         items = [ImageItem(pixels(), methods[i % len(methods)], 1, labels) for i in range(batch_size)]
+        started = time.perf_counter()
         for result in self(items):
             if isinstance(result, BaseException):
                 raise result
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        # The full-size batch grew the runtime's arena and the heap; a server that then idles
-        # (or a replica that is never sent that much) should not keep it. The engine's idle
-        # trim only runs after served batches, so warmup hands it back itself.
-        del items
-        self.release_memory()
-        release_free_memory()
+        return time.perf_counter() - started
+
+    def max_batch_size(self, default: int) -> int:
+        return default if self.batch_limit is None else min(default, self.batch_limit)
 
     def release_memory(self) -> None:
         self.backbone.release_memory()
