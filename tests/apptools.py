@@ -58,6 +58,13 @@ class ServerProcess(subprocess.Popen):
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def __exit__(self, *exc_info: object) -> None:
+        """Leaving ``with start_server(...)``: a server still running is killed (Popen's own exit
+        would wait for it forever), then reaped."""
+        if self.poll() is None:
+            self.kill()
+        super().__exit__(*exc_info)
+
 
 def start_server(models_dir: Path, port: int, *extra: str) -> ServerProcess:
     env = {"EQUISERVE_RUNTIME": "torch", **os.environ, "EQUISERVE_LOG_LEVEL": "info"}

@@ -26,8 +26,7 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_models_dir: Path) 
     base = f"http://127.0.0.1:{port}"
     # A long batch timer keeps accepted requests queued while we look at the draining server;
     # a batch waits only while another request is on its way, so one uploads its body slowly.
-    process = start_server(tiny_models_dir, port, "--max-wait-ms", "2500", "--max-batch-size", "64")
-    try:
+    with start_server(tiny_models_dir, port, "--max-wait-ms", "2500", "--max-batch-size", "64") as process:
         wait_ready(base, process)
         image = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
 
@@ -71,23 +70,22 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_models_dir: Path) 
         stopped = time.monotonic()
         assert process.wait(timeout=30) == 0
         assert time.monotonic() - stopped < 1.5, "the process lingers after its shutdown is complete"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_corrupt_weights_fail_start_up_naming_the_file(tiny_models_dir: Path) -> None:
     (tiny_models_dir / "tiny" / "lambda_net.safetensors").write_bytes(b"not a safetensors file")
-    process = start_server(tiny_models_dir, free_port())
-    try:
+    with start_server(tiny_models_dir, free_port()) as process:
         code = process.wait(timeout=120)
         output = process.output()
-    finally:
-        if process.poll() is None:
-            process.kill()
     assert code != 0
     assert "lambda_net.safetensors" in output
+
+
+def running(pid: int) -> bool:
+    """Alive, not a zombie waiting to be reaped."""
+    import psutil
+
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
 
 
 def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -119,8 +117,7 @@ def test_processes_share_the_port_and_drain_together(tiny_models_dir: Path) -> N
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    process = start_server(tiny_models_dir, port, "--processes", "2")
-    try:
+    with start_server(tiny_models_dir, port, "--processes", "2") as process:
         pids = _children(process, 2)
         wait_ready(base, process)
 
@@ -151,44 +148,30 @@ def test_processes_share_the_port_and_drain_together(tiny_models_dir: Path) -> N
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, process.output()
         assert process.output().count("stopped: every accepted request was answered") == 2
-        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        assert not any(running(pid) for pid in pids)
 
 
 def test_a_dead_process_stops_the_replica(tiny_models_dir: Path) -> None:
     import psutil
 
     port = free_port()
-    process = start_server(tiny_models_dir, port, "--processes", "2")
-    try:
+    with start_server(tiny_models_dir, port, "--processes", "2") as process:
         first, second = _children(process, 2)
         wait_ready(f"http://127.0.0.1:{port}", process)
         psutil.Process(first).kill()
         # the other one is stopped (drained) and the replica exits non-zero, for the orchestrator to restart
         assert process.wait(timeout=60) != 0
-        assert not (psutil.pid_exists(second) and psutil.Process(second).status() != "zombie")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        assert not running(second)
 
 
 def test_killing_the_supervisor_stops_its_processes(tiny_models_dir: Path) -> None:
     import psutil
 
     port = free_port()
-    process = start_server(tiny_models_dir, port, "--processes", "2")
-    try:
+    with start_server(tiny_models_dir, port, "--processes", "2") as process:
         pids = _children(process, 2)
         wait_ready(f"http://127.0.0.1:{port}", process)
         process.kill()  # SIGKILL: no chance to forward anything
         process.wait()
         gone = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=60)[1]
         assert not gone, f"still running after the supervisor died: {gone}"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
