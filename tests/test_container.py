@@ -65,6 +65,13 @@ def image(request: pytest.FixtureRequest) -> str:
     return IMAGE
 
 
+def test_builder_stage_is_tagged(image: str) -> None:
+    """The builder stage (the venv, several GB) carries a tag of its own, so that the build
+    that replaces it can remove it instead of leaving an untagged image on the disk."""
+    name, _, variant = image.partition(":")
+    assert podman("image", "exists", f"{name}-builder:{variant}", check=False).returncode == 0
+
+
 def test_image_pins_torch_and_carries_the_text_model(image: str) -> None:
     """The tested torch/torchvision pair, CPU-only parts, and every GGUF a model.yaml names."""
     pins = dict(p.split("==") for p in dockerfile_arg("TORCH_PACKAGES").split())
