@@ -364,9 +364,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Invariance of int8 (largest change of any probability under rotation): "
               + ", ".join(f"{k} {v:.1e}" for k, v in report["invariance_max_abs"].items())]  # fmt: skip
     d = report["decision"]
+    if d["worst_accuracy_drop_points"] is None:
+        accuracy = "accuracy drop not measured (--skip-transfer), so not shown to be <= 0.5"
+    else:
+        accuracy = (f"worst accuracy drop {d['worst_accuracy_drop_points']} points at {d['worst_drop_at']}; "
+                    f"<= 0.5: {d['accuracy_ok']}")  # fmt: skip
     lines += ["", f"Decision: int8 default on the CPU: **{'yes' if d['int8_cpu_default'] else 'no'}** "
-              f"(agreement >= 99 %: {d['agreement_ok']}; worst accuracy drop {d['worst_accuracy_drop_points']} "
-              f"points at {d['worst_drop_at']}; <= 0.5: {d['accuracy_ok']})."]  # fmt: skip
+              f"(agreement >= 99 %: {d['agreement_ok']}; {accuracy})."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
