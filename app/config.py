@@ -70,7 +70,8 @@ class Settings(BaseSettings):
         ge=0,
         le=19,
         description="nice increment of the inference and preprocessing threads (Linux), so the event loop "
-        "answers and sheds first when the CPU is short; 0 = same priority",
+        "answers and sheds first when the CPU is short; 0 = same priority (use 0 beside CPU-heavy processes of "
+        "the same session or container: nice weighs threads only within a scheduling group)",
     )
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and resizing images")
     max_observations: int = Field(256, ge=1, description="act: environment states per request (422)")
