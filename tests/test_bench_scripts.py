@@ -189,3 +189,28 @@ def test_bench_memory_smoke(tmp_path: Path, tiny_dir: Path) -> None:
     assert server["idle_rss_mib"] > 0 and server["hwm_mib"] >= server["peak_rss_under_load_mib"] > 0
     assert server["load"]["status_counts"].get("200", 0) > 0
     assert out.with_suffix(".md").read_text().startswith("# Memory")
+
+
+def quant_report(agreement: float, drops: dict[str, float] | None) -> dict[str, Any]:
+    """The parts of a bench_quant report that its decision reads."""
+    report: dict[str, Any] = {"agreement": {"imagenet": {"top1_agreement": agreement}}}
+    if drops is not None:
+        report["transfer"] = {name: {"drop_points": {"equitune": {"rotated": drop}}} for name, drop in drops.items()}
+    return report
+
+
+def test_bench_quant_decision_rule() -> None:
+    """int8 becomes the CPU default only with every agreement >= 99 % and every drop <= 0.5
+    points; without the transfer table (--skip-transfer) the drop is unknown, so: no."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import bench_quant
+
+    names = bench_quant.FASHION
+    assert bench_quant.decide(quant_report(0.995, dict.fromkeys(names, 0.4)))["int8_cpu_default"]
+    assert not bench_quant.decide(quant_report(0.985, dict.fromkeys(names, 0.4)))["int8_cpu_default"]
+    worse = bench_quant.decide(quant_report(0.995, {names[0]: 0.4, names[1]: 0.6}))
+    assert not worse["int8_cpu_default"]
+    assert worse["worst_drop_at"] == f"{names[1]}/equitune/rotated"
+    unmeasured = bench_quant.decide(quant_report(0.995, None))
+    assert not unmeasured["int8_cpu_default"] and unmeasured["worst_accuracy_drop_points"] is None
