@@ -195,10 +195,23 @@ class _MetricsServer(uvicorn.Server):
 
 
 def replica_settings(settings: Settings) -> Settings:
-    """A replica runs as many compute threads as the CPUs Ray reserves for it, unless set."""
-    if settings.torch_threads is not None:
-        return settings
-    return settings.model_copy(update={"torch_threads": max(1, math.ceil(settings.replica_cpus))})
+    """What a replica runs with, where it differs from a server of its own:
+
+    * as many compute threads as the CPUs Ray reserves for it, unless set;
+    * its compute threads at the process's own priority, unless ``compute_nice`` is set. Ray
+      starts every actor of a node in one session, which Linux schedules as one group, and a
+      nice increment weighs threads within their group: at nice +10 the replica's compute
+      threads would yield to every other busy actor on the node, not only to its own event
+      loop (bench/results/service_cpu_nice_foreign_load.md). Ray's proxy also bounds what
+      reaches a replica (``max_ongoing_requests``), so the event loop it would protect is
+      not flooded the way a server's own is.
+    """
+    update: dict[str, int] = {}
+    if settings.torch_threads is None:
+        update["torch_threads"] = max(1, math.ceil(settings.replica_cpus))
+    if "compute_nice" not in settings.model_fields_set:
+        update["compute_nice"] = 0
+    return settings.model_copy(update=update) if update else settings
 
 
 @serve.ingress()  # late-bound: each replica builds its own app in __serve_build_asgi_app__

@@ -31,7 +31,7 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.ray_serve import NODE_TARGETS, REPLICA_TARGETS, ProxyAnswers, deployment_options
+from app.ray_serve import NODE_TARGETS, REPLICA_TARGETS, ProxyAnswers, deployment_options, replica_settings
 from tests.apptools import ROOT, ServerProcess, free_port, start_server, wait_ready
 from tests.conftest import png_bytes, write_tiny_model
 
@@ -61,6 +61,21 @@ def test_deployment_options_fixed_and_autoscaling() -> None:
     }  # fmt: skip
     with pytest.raises(ValueError, match="min_replicas"):
         deployment_options(Settings(min_replicas=3, max_replicas=2))
+
+
+def test_replica_settings_threads_and_nice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica's compute threads: one per reserved CPU and the process's own priority,
+    unless set, by argument or by EQUISERVE_* variable (Ray starts every actor of a node in
+    one scheduling group, where nice +10 would yield to every other busy actor)."""
+    monkeypatch.delenv("EQUISERVE_COMPUTE_NICE", raising=False)
+    monkeypatch.delenv("EQUISERVE_TORCH_THREADS", raising=False)
+    default = replica_settings(Settings(replica_cpus=1.5))
+    assert default.torch_threads == 2 and default.compute_nice == 0
+    assert Settings().compute_nice == 10  # a server of its own keeps its default
+    chosen = replica_settings(Settings(replica_cpus=1.5, torch_threads=1, compute_nice=10))
+    assert chosen.torch_threads == 1 and chosen.compute_nice == 10
+    monkeypatch.setenv("EQUISERVE_COMPUTE_NICE", "5")
+    assert replica_settings(Settings()).compute_nice == 5
 
 
 def scripted_proxy(answers: list[tuple[int, list[tuple[bytes, bytes]]] | None], seen: list[bytes]) -> Any:
