@@ -19,6 +19,10 @@ from tests.conftest import write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_quant  # noqa: E402
 
 
 def run_script(script: str, *args: str, timeout: float = 300) -> None:
@@ -202,10 +206,6 @@ def quant_report(agreement: float, drops: dict[str, float] | None) -> dict[str, 
 def test_bench_quant_decision_rule() -> None:
     """int8 becomes the CPU default only with every agreement >= 99 % and every drop <= 0.5
     points; without the transfer table (--skip-transfer) the drop is unknown, so: no."""
-    if str(ROOT / "bench") not in sys.path:
-        sys.path.insert(0, str(ROOT / "bench"))
-    import bench_quant
-
     names = bench_quant.FASHION
     assert bench_quant.decide(quant_report(0.995, dict.fromkeys(names, 0.4)))["int8_cpu_default"]
     assert not bench_quant.decide(quant_report(0.985, dict.fromkeys(names, 0.4)))["int8_cpu_default"]
