@@ -35,6 +35,22 @@ def test_files_named_by_an_entry_cannot_escape_its_folder(tmp_path: Path) -> Non
         load_model(tmp_path, "tiny", device="cpu")
 
 
+def test_symlinked_entries_and_files_are_served(tmp_path: Path) -> None:
+    """An operator links an entry kept elsewhere, or weights from a download cache: both load."""
+    elsewhere = write_tiny_model(tmp_path / "elsewhere")
+    blob = tmp_path / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    (elsewhere / "lambda_net.safetensors").rename(blob)
+    (elsewhere / "lambda_net.safetensors").symlink_to(blob)
+    repository = tmp_path / "models"
+    repository.mkdir()
+    (repository / "linked").symlink_to(elsewhere, target_is_directory=True)
+    assert list_models(repository) == ["linked"]
+    assert model_dir(repository, "linked") == (repository / "linked").absolute()
+    served = load_model(repository, "linked", device="cpu")
+    assert served.card()["name"] == "linked" and served.card()["lambda_trained"]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

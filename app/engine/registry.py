@@ -36,23 +36,36 @@ class ModelLoadError(RuntimeError):
 
 
 def model_dir(models_dir: Path, name: str) -> Path:
-    """``models_dir/name``, refusing names that could escape the repository."""
+    """``models_dir/name``, refusing names that could escape the repository.
+
+    The name is one path component (no separator, no leading dot), so the entry is inside the
+    repository whatever it links to: an operator may symlink an entry to a folder kept elsewhere.
+    """
     if not MODEL_NAME.match(name):
         raise ModelLoadError(f"invalid model name {name!r}")
-    path = (models_dir / name).resolve()
-    if path.parent != models_dir.resolve():
-        raise ModelLoadError(f"model {name!r} is outside {models_dir}")
-    return path
+    return (models_dir / name).absolute()
 
 
 def list_models(models_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in models_dir.glob("*/model.yaml") if MODEL_NAME.match(p.parent.name))
 
 
+def path_in(folder: Path, relative: str) -> Path | None:
+    """``folder/relative`` if ``relative`` names a path below ``folder`` (no ``..``, not absolute), else None.
+
+    The check is on the name, not on where symlinks lead: weights linked from a download cache
+    (Hugging Face keeps its files as links to blobs) are served, ``../../x`` is not.
+    """
+    path = Path(relative)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        return None
+    return folder / path
+
+
 def file_in(folder: Path, relative: str) -> Path:
     """A file named by an entry: inside its folder, and present."""
-    path = (folder / relative).resolve()
-    if folder.resolve() not in path.parents:
+    path = path_in(folder, relative)
+    if path is None:
         raise ModelLoadError(f"{folder.name}: {relative!r} points outside the model folder")
     if not path.is_file():
         raise ModelLoadError(f"{folder.name}: file {path} is missing")

@@ -36,6 +36,7 @@ from app.engine.registry import (
     file_in,
     load_lambda_net,
     load_tensors,
+    path_in,
     resolve_device,
     resolve_dtype,
     resolve_file_options,
@@ -534,8 +535,8 @@ def _calibration_source(folder: Path, calibration: str) -> str:
     """A named calibration set as it is; anything else is a folder inside the model's folder."""
     if calibration in ("photos", "fashion-mnist"):
         return calibration
-    path = (folder / calibration).resolve()
-    if folder.resolve() not in path.parents or not path.is_dir():
+    path = path_in(folder, calibration)
+    if path is None or not path.is_dir():
         raise ModelLoadError(f"{folder.name}: calibration {calibration!r} is not a folder inside the model folder")
     return str(path)
 
