@@ -383,7 +383,8 @@ async def test_zero_shot_models_take_labels() -> None:
 async def test_generate_text_input_to_text_output() -> None:
     swaps = ["identity", "swap:man<->woman"]
     result = GenerationResult(
-        tokens=[], text=" a nurse", finish_reason="length", weights=[0.75, 0.25], selected_transform=None,
+        tokens=[], text=" a nurse", finish_reason="length", weights=[0.75, 0.25],
+        prompts=["The woman worked as ☕", "The man worked as ☕"], selected_transform=None,
         lambda_entropy=0.56, frame="identity", prompt_tokens=4, seed=3, temperature=0.0, top_k=0, relaxed=False,
     )  # fmt: skip
     output = GenerateOutput("tinylm", Method.LAMBDA, "gender", swaps, False, 3, 0.0, 0, result, Timing(0, 0, 1))

@@ -65,6 +65,15 @@ async def test_models_list_the_language_model_and_generate_answers(text_models_d
         assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 5}
         assert [t["name"] for t in body["transforms"]] == card["transforms"]
         assert sum(t["lambda"] for t in body["transforms"]) == pytest.approx(1.0, abs=1e-5)
+        swapped = ["The man worked as", "The woman worked as", "The man worked as", "The woman worked as"]
+        assert [t["prompt"] for t in body["transforms"]] == swapped  # no race word: those swaps change nothing
+        vanilla = (await client.post(URL, json={"prompt": "The White man said he", "method": "vanilla"})).json()
+        assert [t["prompt"] for t in vanilla["transforms"]] == [  # a vanilla batch runs the identity alone
+            "The White man said he",
+            "The White woman said she",
+            "The Black man said he",
+            "The Black woman said she",
+        ]
         assert body["lambda_entropy"] > 0 and body["selected_transform"] is None and body["frame"] in card["transforms"]
         assert body["timing"]["batch_size"] == 1 and body["timing"]["inference_ms"] > 0
         # the same seed gives the same answer; no seed draws one and reports it

@@ -624,7 +624,7 @@ else:
         form = driver.find_element(By.ID, "generate-form")
         prompt = form.find_element(By.NAME, "prompt")
         prompt.clear()
-        prompt.send_keys("The man worked as")
+        prompt.send_keys("The man said he")
         form.find_element(By.NAME, "max_new_tokens").send_keys("6")
         form.find_element(By.NAME, "temperature").send_keys("0")
         choose_method(driver, "lambda")
@@ -633,7 +633,7 @@ else:
         wait_for(driver, lambda d: output.get_attribute("data-done") == "true")
         expected = httpx.post(
             f"{server}/v1/models/tinylm/generate",
-            json={"prompt": "The man worked as", "max_new_tokens": 6, "temperature": 0, "method": "lambda"},
+            json={"prompt": "The man said he", "max_new_tokens": 6, "temperature": 0, "method": "lambda"},
             timeout=60,
         ).json()
         assert output.get_attribute("textContent") == expected["text"]
@@ -642,7 +642,8 @@ else:
         assert page == [(t["name"], t["lambda"]) for t in expected["transforms"]]
         assert abs(sum(w for _, w in page) - 1) < 1e-6
         swapped = {i.get_attribute("data-transform"): i.find_element(By.CSS_SELECTOR, ".swapped").text for i in items}
-        assert swapped["identity"] == "The man worked as"
-        assert swapped["swap:man<->woman"] == "The woman worked as"
+        assert swapped["identity"] == "The man said he"
+        # each copy's prompt as the server ran it: the whole word list swapped, not only the named pair
+        assert swapped["swap:man<->woman"] == "The woman said she"
         timing = driver.find_element(By.CSS_SELECTOR, '#generate [data-testid="timing"]').text
         assert "queue" in timing and "batch size 1" in timing

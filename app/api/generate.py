@@ -58,6 +58,7 @@ class GeneratedTokenBody(BaseModel):
 class TransformWeight(BaseModel):
     name: str = Field(description="the swap that made this copy, e.g. swap:man<->woman")
     weight: float = Field(alias="lambda", description="its normalised weight, averaged over the generated tokens")
+    prompt: str = Field(description="the prompt as this copy read it: its swapped tokens, decoded")
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -102,7 +103,10 @@ def generate_response(output: GenerateOutput) -> dict[str, Any]:
         "text": r.text,
         "tokens": [{"id": t.id, "text": t.text, "logprob": t.logprob} for t in r.tokens],
         "finish_reason": r.finish_reason,
-        "transforms": [{"name": name, "lambda": w} for name, w in zip(output.transforms, r.weights, strict=True)],
+        "transforms": [
+            {"name": name, "lambda": w, "prompt": prompt}
+            for name, w, prompt in zip(output.transforms, r.weights, r.prompts, strict=True)
+        ],
         "selected_transform": r.selected_transform,
         "lambda_entropy": r.lambda_entropy,
         "frame": r.frame,

@@ -188,6 +188,17 @@ class TextRunner:
         rows = [(method, relaxed)] * len(prompts)
         return self.combine(first.n, first.hidden, first.logits, first.ids[:, -1], rows).out
 
+    def copy_prompts(self, first: _Prefill) -> list[list[str]]:
+        """Per request, the text of each copy's prompt: the tokens the copy read, decoded (a vanilla-only
+        batch ran the identity alone: the other copies are expanded here, for the answer only)."""
+        width, batch = first.ids.shape[1], len(first.lengths)
+        copies = first.copies if first.n > 1 else self.group.expand(first.ids, mask=first.attention)
+        rows = copies.view(self.group.order, batch, width).cpu().tolist()
+        return [
+            [self.lm.decode(rows[g][b][width - length :]) for g in range(self.group.order)]
+            for b, length in enumerate(first.lengths)
+        ]
+
     def frames(self, first: _Prefill, requests: list[GenerationRequest]) -> list[int]:
         if first.n == 1:
             return [0] * len(requests)
@@ -206,6 +217,7 @@ class TextRunner:
         first = self.prefill([r.prompt_ids for r in requests], use_group)
         n, cache, hidden, logits, attention = first.n, first.cache, first.hidden, first.logits, first.attention
         frames = self.frames(first, requests)
+        prompts = self.copy_prompts(first)
         generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
         tracks = [_Track(r, g, f) for r, g, f in zip(requests, generators, frames, strict=True)]
         next_position = first.positions[:, -1:] + 1
@@ -228,7 +240,10 @@ class TextRunner:
             hidden, logits, cache = lm.step(feed, attention, next_position, cache)
             next_position = next_position + 1
             last = tokens
-        return [self._result(track, length, use_group) for track, length in zip(tracks, first.lengths, strict=True)]
+        return [
+            self._result(track, length, use_group, texts)
+            for track, length, texts in zip(tracks, first.lengths, prompts, strict=True)
+        ]
 
     def _step(
         self, tracks: list[_Track], active: list[int], n: int, hidden: Tensor, logits: Tensor, last: Tensor
@@ -284,7 +299,7 @@ class TextRunner:
         elif request.cancelled.is_set():
             track.finish = "cancelled"
 
-    def _result(self, track: _Track, prompt_tokens: int, use_group: bool) -> GenerationResult:
+    def _result(self, track: _Track, prompt_tokens: int, use_group: bool, prompts: list[str]) -> GenerationResult:
         n = self.group.order
         if use_group and track.weight_sum is not None:
             weights = (track.weight_sum / max(track.steps, 1)).tolist()
@@ -297,6 +312,7 @@ class TextRunner:
             text=self.lm.decode(track.ids),
             finish_reason=track.finish or "length",
             weights=weights,
+            prompts=prompts,
             selected_transform=selected,
             lambda_entropy=None if vanilla or not use_group else track.entropy_sum / max(track.steps, 1),
             frame=self.group.names[track.frame],

@@ -45,6 +45,7 @@ class GenerationResult:
     text: str
     finish_reason: str  # "length" | "eos" | "cancelled"
     weights: list[float]  # per transform: its normalised weight, averaged over the steps
+    prompts: list[str]  # per transform: the prompt as its copy read it (the swapped tokens, decoded)
     selected_transform: str | None  # equizero: the copy chosen most often
     lambda_entropy: float | None  # mean entropy (nats) of the λ-net's weights; None for vanilla
     frame: str  # the canonical frame h of the prompt (t = h·c)

@@ -479,8 +479,9 @@ const classifyPanel = (() => {
 // ---------------------------------------------------------------------------------------------
 // word swaps, shown client-side from the transform's name: a swap "swap:man<->woman" or
 // "jump<->run", a cycle "cycle:a->b->c" or "a->b->c", a power "(a->b->c)^2", products joined by
-// "·", the rightmost applied first. The server's group has full word lists; this shows the copy's
-// named words only.
+// "·", the rightmost applied first. A text group has full word lists (man<->woman swaps he<->she
+// too) and its answers carry each copy's prompt; this preview, before an answer, swaps the named
+// words only. SCAN's names are the whole swap.
 
 function wordMap(name) {
   const map = new Map();
