@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,11 +60,17 @@ class ServerProcess(subprocess.Popen):
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def kill_all(self) -> None:
+        """SIGKILL to the server and everything it started (its own session: worker processes, a Ray
+        cluster's daemons and actors), even where the server itself has already gone; then reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.wait()
+
     def __exit__(self, *exc_info: object) -> None:
-        """Leaving ``with start_server(...)``: a server still running is killed (Popen's own exit
-        would wait for it forever), then reaped."""
-        if self.poll() is None:
-            self.kill()
+        """Leaving ``with start_server(...)``: whatever still runs is killed (Popen's own exit would
+        wait for it forever), then reaped."""
+        self.kill_all()
         super().__exit__(*exc_info)
 
 
@@ -74,6 +82,7 @@ def start_server(models_dir: Path, port: int, *extra: str) -> ServerProcess:
             [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--models-dir", str(models_dir), "--device", "cpu", *extra],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # one process group to kill, whatever the server started
         )  # fmt: skip
     process.log_path = log_path
     return process

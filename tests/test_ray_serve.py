@@ -301,9 +301,7 @@ def scenario(workdir: Path) -> dict[str, Any]:
         output = process.output()
         assert "stopped: every replica drained" in output and "every accepted request was answered" in output
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        process.kill_all()  # the driver and the Ray cluster it started, if a check above failed
         print(json.dumps(report, indent=1))
     return report
 
