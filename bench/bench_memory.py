@@ -198,8 +198,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of load per set")
     parser.add_argument("--settle-s", type=float, default=3.0, help="seconds idle before sampling")
-    parser.add_argument("--note", default="shared 2-core machine: other engineers' jobs run concurrently")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "memory_cpu.json")
+    benchlib.add_report_args(parser, RESULTS_DIR / "memory_cpu.json")
     return parser.parse_args(argv)
 
 

@@ -141,8 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--photos", type=int, default=None, help="use only the first N photos")
     parser.add_argument("--models-dir", type=Path, default=None, help="model repository (default: models/)")
-    parser.add_argument("--note", default="shared 2-core machine: other engineers' jobs run concurrently")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    benchlib.add_report_args(parser, DEFAULT_OUT)
     return parser.parse_args(argv)
 
 

@@ -389,8 +389,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-service", action="store_true")
     parser.add_argument("--skip-transfer", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default="shared 2-core machine: other engineers' jobs run concurrently")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "quant_cpu.json")
+    benchlib.add_report_args(parser, RESULTS_DIR / "quant_cpu.json")
     args = parser.parse_args(argv)
     quick = args.quick
     args.batch_sizes = args.batch_sizes or ([1, 8] if quick else [1, 4, 16, 32])

@@ -719,8 +719,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paired-budget-s", type=float, default=20.0, help="seconds for those calls (>= 1 call)")
     parser.add_argument("--stage-reps", type=int, default=None, help="rounds of the stage timings (20; quick 5)")
     parser.add_argument("--skip-raw", action="store_true", help="no raw ceiling (ratios to raw are then missing)")
-    parser.add_argument("--note", default="shared 2-core machine: other engineers' jobs run concurrently")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    benchlib.add_report_args(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
     quick = args.quick
     args.concurrency = args.concurrency or [1, 8, 32]

@@ -7,6 +7,7 @@ and computes percentiles the same way.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -95,6 +96,15 @@ def latency_summary_ms(latencies_s: Sequence[float]) -> dict[str, float | int | 
         "mean_ms": round(float(ms.mean()), 2),
         "max_ms": round(float(ms.max()), 2),
     }
+
+
+SHARED_MACHINE_NOTE = "shared 2-core machine: other engineers' jobs run concurrently"
+
+
+def add_report_args(parser: argparse.ArgumentParser, default_out: Path) -> None:
+    """``--note`` (what to know about the machine, kept in the report) and ``--out`` (the JSON file)."""
+    parser.add_argument("--note", default=SHARED_MACHINE_NOTE, help="kept in the report: the machine's state")
+    parser.add_argument("--out", type=Path, default=default_out, help="the JSON results file")
 
 
 def report_header(benchmark: str, started: dt.datetime, note: str, load_start: list[float] | None) -> dict[str, Any]:
