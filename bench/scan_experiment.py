@@ -46,6 +46,7 @@ GROUPS = {"add_jump": ["verb", "verb4"], "around_right": ["direction"]}
 SHIPPED_GROUPS = {"add_jump": ["verb4", "verb"], "around_right": ["direction"]}  # the first: the entry's own name
 SPLIT_TITLES = {"add_jump": "Add Jump", "around_right": "Around Right"}
 METHODS = ("equitune", "equizero", "lambda")
+SHORT_TEST_WORDS = 3  # the third table: test commands of at most this many words
 
 
 def _load_model(path: Path, cell: str):
@@ -79,20 +80,28 @@ def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> 
 
     torch.set_num_threads(1)
     folder = Path(options["work_dir"]) / f"{split_name}-{cell}-{seed}"
-    if (folder / "unit.json").is_file() and not options["fresh"]:
-        return json.loads((folder / "unit.json").read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    progress = options["progress"]
     config = PretrainConfig(split=split_name, cell=cell, seed=seed)  # type: ignore[arg-type]
     if options["steps"]:
         config = replace(config, steps=options["steps"], eval_every=min(config.eval_every, options["steps"]))
+    config = replace(config, **{k: options[k] for k in ("short_words", "short_repeats") if options[k] is not None})
+    short = {"short_words": config.short_words, "short_repeats": config.short_repeats}  # fine-tuning: the same
+    if (folder / "unit.json").is_file() and not options["fresh"]:
+        cached = json.loads((folder / "unit.json").read_text())
+        same = cached["pretrain"]["config"] == config.__dict__ and all(
+            cached.get(k) == options[k] for k in ("lambda_steps", "finetune_steps", "limit")
+        )
+        if same:  # else the recipe changed since: run it again
+            return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    progress = options["progress"]
     pre = pretrain(config, progress=progress)
     save_module(pre.model, folder / "pretrained.safetensors")
     test = split(split_name).test
     _, held = held_out_split(split_name, config.held_out)
     if options["limit"]:  # smoke runs: the first commands only
         test, held = sorted(test)[: options["limit"]], sorted(held)[: options["limit"]]
+    short_test = [p for p in test if len(p[0].split()) <= SHORT_TEST_WORDS]
     rows: list[dict[str, Any]] = []
 
     def evaluate(stage: str, method: str, group: str | None, model: Any, lambda_net: Any = None, **extra: Any) -> None:
@@ -104,6 +113,9 @@ def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> 
             "group": group,
             "test_accuracy": accuracy(model, sequence_group, test, method, **kwargs),
             "held_out_accuracy": accuracy(model, sequence_group, held, method, **kwargs),
+            "test_short_accuracy": (
+                accuracy(model, sequence_group, short_test, method, **kwargs) if short_test else None
+            ),
             **extra,
         }
         rows.append(row)
@@ -121,7 +133,7 @@ def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> 
     steps = options["finetune_steps"]
     tuned = finetune(
         pre.model,
-        FinetuneConfig(Method.VANILLA, GROUPS[split_name][0], split_name, seed, steps),
+        FinetuneConfig(Method.VANILLA, GROUPS[split_name][0], split_name, seed, steps, **short),
         progress=progress,
         evaluate=False,
     )
@@ -130,7 +142,7 @@ def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> 
         for method in METHODS:
             tuned = finetune(
                 pre.model,
-                FinetuneConfig(Method(method), group, split_name, seed, steps),
+                FinetuneConfig(Method(method), group, split_name, seed, steps, **short),
                 progress=progress,
                 evaluate=False,
             )
@@ -148,6 +160,7 @@ def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> 
         },
         "lambda_steps": options["lambda_steps"],
         "finetune_steps": steps,
+        "limit": options["limit"],
         "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -171,39 +184,45 @@ def ceilings() -> dict[str, dict[str, float]]:
     return out
 
 
+FIELDS = {  # row key -> the table's title
+    "test": "Test-split exact-match accuracy (%)",
+    "held_out": "In-distribution accuracy (%)",
+    "test_short": f"Test-split commands of 1-{SHORT_TEST_WORDS} words, exact-match accuracy (%)",
+}
+
+
 def aggregate(units: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (split, cell, stage, method, group): mean and std over the seeds."""
-    table: dict[tuple, dict[str, list[float]]] = {}
+    """One entry per (split, cell, stage, method, group): mean and std over the seeds of each field."""
+    table: dict[tuple, dict[str, list[Any]]] = {}
     for unit in units:
         for row in unit["rows"]:
             key = (unit["split"], unit["cell"], row["stage"], row["method"], row["group"])
-            entry = table.setdefault(key, {"test": [], "held_out": [], "seeds": []})
-            entry["test"].append(row["test_accuracy"])
-            entry["held_out"].append(row["held_out_accuracy"])
+            entry = table.setdefault(key, {"seeds": [], **{f: [] for f in FIELDS}})
+            for f in FIELDS:
+                entry[f].append(row.get(f"{f}_accuracy"))
             entry["seeds"].append(unit["seed"])
     out = []
     for (split_name, cell, stage, method, group), values in table.items():
-        test, held = np.array(values["test"]) * 100, np.array(values["held_out"]) * 100
-        out.append(
-            {
-                "split": split_name,
-                "cell": cell,
-                "stage": stage,
-                "method": method,
-                "group": group,
-                "seeds": values["seeds"],
-                "test_mean": round(float(test.mean()), 2),
-                "test_std": round(float(test.std()), 2),
-                "held_out_mean": round(float(held.mean()), 2),
-                "held_out_std": round(float(held.std()), 2),
-            }
-        )
+        entry: dict[str, Any] = {
+            "split": split_name,
+            "cell": cell,
+            "stage": stage,
+            "method": method,
+            "group": group,
+            "seeds": values["seeds"],
+        }
+        for f in FIELDS:
+            if any(v is None for v in values[f]):  # not measured (no short commands under --limit)
+                continue
+            percent = np.array(values[f]) * 100
+            entry[f"{f}_mean"], entry[f"{f}_std"] = round(float(percent.mean()), 2), round(float(percent.std()), 2)
+        out.append(entry)
     return out
 
 
 def _cell(entries: dict[tuple, dict[str, Any]], key: tuple, field: str) -> str:
     entry = entries.get(key)
-    if entry is None:
+    if entry is None or field + "_mean" not in entry:
         return "–"
     return f"{entry[field + '_mean']:.1f} ± {entry[field + '_std']:.1f}"
 
@@ -215,7 +234,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{c.upper()} {stage}" for c in cells for stage in ("zero-shot", "fine-tuned")
     ]
     out = []
-    for field, title in (("test", "Test-split exact-match accuracy (%)"), ("held_out", "In-distribution accuracy (%)")):
+    for field, title in FIELDS.items():
         rows = []
         for split_name in report["splits"]:
             groups: list[str | None] = [None, *GROUPS[split_name]]
@@ -277,6 +296,8 @@ def main() -> int:
     parser.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=["gru", "lstm"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default: PretrainConfig's)")
+    parser.add_argument("--short-words", type=int, default=None, help="commands this short are oversampled")
+    parser.add_argument("--short-repeats", type=int, default=None, help="copies of each (1: none added)")
     parser.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps of every method")
     parser.add_argument("--lambda-steps", type=int, default=None, help="zero-shot λ-net steps (default: LAMBDA_STEPS)")
     parser.add_argument("--jobs", type=int, default=1, help="units run side by side (one process, one thread each)")
@@ -296,6 +317,8 @@ def main() -> int:
         "work_dir": str(args.work_dir),
         "fresh": args.fresh,
         "steps": args.steps,
+        "short_words": args.short_words,
+        "short_repeats": args.short_repeats,
         "finetune_steps": args.finetune_steps,
         "lambda_steps": LAMBDA_STEPS if args.lambda_steps is None else args.lambda_steps,
         "progress": not args.quiet,

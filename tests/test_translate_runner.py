@@ -206,3 +206,34 @@ def test_shipped_models_translate_known_commands_and_their_method_generalizes(na
     assert accuracy(held, "vanilla") >= 0.9
     assert accuracy(test, "vanilla") <= 0.1
     assert accuracy(test, runner.spec.default_method.value) >= 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_models_translate_short_commands(name: str) -> None:
+    """Commands of 1-3 words, a few dozen of a split's thousands: every one the model was trained on right
+    with vanilla, and the short test commands whose copies include a training command (Add Jump's
+    ``jump twice``: ``walk twice``) right with the entry's default method."""
+    from app.tasks.translate.groups import command_copies
+    from app.training.scan import SHORT_WORDS, held_out_split
+
+    runner = load_runner(DEFAULT_MODELS_DIR / name)
+    split_name = runner.spec.split or "add_jump"
+    train, _ = held_out_split(split_name, runner.spec.training["pretrain"]["held_out"])
+    known = {c for c, _ in train}
+    short_train = sorted({p for p in train if len(p[0].split()) <= SHORT_WORDS})
+    short_test = sorted(
+        p
+        for p in set(split(split_name).test)
+        if len(p[0].split()) <= SHORT_WORDS and known & set(command_copies(runner.group, p[0]))
+    )
+    assert len(short_train) >= 20 and short_test
+
+    def wrong(pairs: list[tuple[str, str]], method: str) -> list[str]:
+        chunks = [pairs[i : i + 64] for i in range(0, len(pairs), 64)]  # a request's limit
+        results = [r for c in chunks for r in runner(runner.prepare(TranslateRequest([x for x, _ in c], method)))]
+        return [c for r, (c, a) in zip(results, pairs, strict=True) if isinstance(r, BaseException) or r.actions != a]
+
+    assert len(wrong(short_train, "vanilla")) <= 0.05 * len(short_train), wrong(short_train, "vanilla")
+    method = runner.spec.default_method.value
+    assert len(wrong(short_test, method)) <= 0.1 * len(short_test), wrong(short_test, method)

@@ -23,6 +23,7 @@ from app.training.scan import (
     finetune,
     held_out_split,
     method_loss,
+    oversample_short,
     pretrain,
     uniform_lambda_net,
 )
@@ -39,6 +40,19 @@ def test_the_held_out_part_is_fixed_disjoint_and_keeps_the_bare_jump() -> None:
     assert not {c for c, _ in train} & {c for c, _ in held}
     assert sum(c == "jump" for c, _ in train) == 1467 and all(c != "jump" for c, _ in held)
     assert len(held) == round(0.1 * 13203) and len(train) + len(held) == len(split("add_jump").train)
+
+
+def test_short_commands_are_repeated_to_the_given_count_and_longer_ones_left_alone() -> None:
+    pairs = [("walk", "I_WALK"), ("jump", "I_JUMP"), ("jump", "I_JUMP"), ("jump", "I_JUMP")]
+    pairs += [("run twice", "I_RUN I_RUN"), ("look and walk", "I_LOOK I_WALK"), ("walk left twice", "x")]
+    counts = {c: sum(c == d for d, _ in oversample_short(pairs, 2, 3)) for c, _ in pairs}
+    assert counts == {"walk": 3, "jump": 3, "run twice": 3, "look and walk": 1, "walk left twice": 1}
+    assert oversample_short(pairs, 3, 1) == pairs
+    assert oversample_short(pairs, 3, 1) is not pairs
+    train, _ = held_out_split("add_jump", 0.1)
+    many = oversample_short(train, 3, 20)
+    assert sum(c == "jump" for c, _ in many) == 1467  # already repeated more: kept as it is
+    assert sum(c == "walk" for c, _ in many) == 20 and many[: len(train)] == train
 
 
 def test_batches_hold_start_and_end_tokens() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from app.cli import add_models_dir, configure_logging
 
 DEFAULT_GROUPS = {"add_jump": ["verb4", "verb"], "around_right": ["direction"]}
-PRETRAIN_FLAGS = ("steps", "batch_size", "learning_rate", "hidden", "held_out", "eval_every")
+PRETRAIN_FLAGS = ("steps", "batch_size", "learning_rate", "hidden", "held_out", "eval_every", "short_repeats")
 
 
 def add_parsers(commands: Any) -> None:
@@ -44,6 +44,12 @@ def add_train_scan_parser(commands: Any) -> None:
     p.add_argument("--hidden", type=int, default=None, help="hidden size of encoder and decoder")
     p.add_argument("--held-out", type=float, default=None, help="share of the training commands held out")
     p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations")
+    p.add_argument(
+        "--short-repeats",
+        type=int,
+        default=None,
+        help="copies of each command of at most 3 words in the training data (1: as the split has them)",
+    )
     p.add_argument("--groups", nargs="+", default=None, help="groups to serve (default: verb4 verb / direction)")
     p.add_argument("--lambda-steps", type=int, default=None, help="λ-net steps per group (0: a uniform λ)")
     p.add_argument("--name", default=None, help="model folder name (default: scan-<cell>-<split>)")
