@@ -71,6 +71,7 @@ def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> 
         FinetuneConfig,
         PretrainConfig,
         accuracy,
+        config_dict,
         finetune,
         held_out_split,
         pretrain,
@@ -87,7 +88,7 @@ def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> 
     short = {"short_words": config.short_words, "short_repeats": config.short_repeats}  # fine-tuning: the same
     if (folder / "unit.json").is_file() and not options["fresh"]:
         cached = json.loads((folder / "unit.json").read_text())
-        same = cached["pretrain"]["config"] == config.__dict__ and all(
+        same = cached["pretrain"]["config"] == config_dict(config) and all(
             cached.get(k) == options[k] for k in ("lambda_steps", "finetune_steps", "limit")
         )
         if same:  # else the recipe changed since: run it again
@@ -152,7 +153,7 @@ def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> 
         "cell": cell,
         "seed": seed,
         "pretrain": {
-            "config": {k: v for k, v in config.__dict__.items()},
+            "config": config_dict(config),
             "held_out_accuracy": pre.held_out_accuracy,
             "best_step": pre.best_step,
             "seconds": round(pre.seconds, 1),

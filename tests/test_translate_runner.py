@@ -17,7 +17,7 @@ from app.tasks.base import LoadOptions, Timing
 from app.tasks.translate.groups import scan_group
 from app.tasks.translate.messages import TranslateRequest
 from app.tasks.translate.model import TranslateModel
-from app.tasks.translate.runner import TranslateRunner
+from app.tasks.translate.runner import DEFAULT_MAX_COMMANDS, TranslateRunner
 from app.tasks.translate.scan import split
 from app.tasks.translate.spec import TranslateSpec
 from tests.translatetools import one_thread, write_tiny_translate_model  # noqa: F401 - one_thread is a fixture
@@ -230,7 +230,8 @@ def test_shipped_models_translate_short_commands(name: str) -> None:
     assert len(short_train) >= 20 and short_test
 
     def wrong(pairs: list[tuple[str, str]], method: str) -> list[str]:
-        chunks = [pairs[i : i + 64] for i in range(0, len(pairs), 64)]  # a request's limit
+        step = DEFAULT_MAX_COMMANDS  # a request's limit
+        chunks = [pairs[i : i + step] for i in range(0, len(pairs), step)]
         results = [r for c in chunks for r in runner(runner.prepare(TranslateRequest([x for x, _ in c], method)))]
         return [c for r, (c, a) in zip(results, pairs, strict=True) if isinstance(r, BaseException) or r.actions != a]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,9 +75,7 @@ def held_out_split(name: str, fraction: float) -> tuple[list[Pair], list[Pair]]:
     training with all their copies.
     """
     train = list(split(name).train)
-    counts: dict[str, int] = {}
-    for command, _ in train:
-        counts[command] = counts.get(command, 0) + 1
+    counts = Counter(command for command, _ in train)
     candidates = sorted(c for c, n in counts.items() if n == 1)
     held = set(random.Random(HELD_OUT_SEED).sample(candidates, round(fraction * len(candidates))))
     return [p for p in train if p[0] not in held], [p for p in train if p[0] in held]
@@ -188,9 +187,7 @@ def oversample_short(pairs: Sequence[Pair], short_words: int, copies: int) -> li
 
     Commands a split already repeats more (Add Jump's bare ``jump``) keep their count.
     """
-    counts: dict[Pair, int] = {}
-    for pair in pairs:
-        counts[pair] = counts.get(pair, 0) + 1
+    counts = Counter(pairs)
     extra = [
         pair for pair, n in counts.items() if len(pair[0].split()) <= short_words for _ in range(max(0, copies - n))
     ]
