@@ -15,12 +15,17 @@ from app.training.dqn_cli import main
 from tests.test_act_runner import load_runner, read_act_spec, write_tiny_agent
 
 
-def test_train_dqn_writes_a_servable_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_dqn_writes_a_servable_entry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb3_default_logs = tmp_path / "sb3-logs"  # where SB3's own logger would make its folder
+    monkeypatch.setenv("SB3_LOGDIR", str(sb3_default_logs))
     args = ["train-dqn", "--env", "CartPole-v1", "--steps", "300", "--hidden", "8", "--name", "mini",
             "--models-dir", str(tmp_path), "--eval-episodes", "2", "--quiet"]  # fmt: skip
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["steps"] == 300 and report["episodes"] == 2
+    assert not sb3_default_logs.exists()
     spec = read_act_spec(tmp_path / "mini")
     assert spec.env == "CartPole-v1" and spec.hidden == (8,) and spec.lambda_net is None
     assert spec.training["method"] == "vanilla" and spec.training["greedy_return"]["episodes"] == 2

@@ -13,6 +13,7 @@ so λ-equitune starts as equitune and learns from the TD loss; ``freeze_q`` trai
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from gymnasium import spaces
 from safetensors.torch import load_file, save_file
 from stable_baselines3 import DQN
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import HumanOutputFormat, Logger
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch import Tensor, nn
@@ -215,6 +217,9 @@ def train_dqn(config: DQNConfig, *, progress_bar: bool = True, verbose: int = 0)
         device="cpu",
         **config.dqn_kwargs(),
     )
+    # SB3's default logger makes an empty SB3-<time> folder in the temp dir on every learn();
+    # ours writes to stdout when verbose and nowhere else.
+    agent.set_logger(Logger(folder=None, output_formats=[HumanOutputFormat(sys.stdout)] if verbose else []))
     if config.init is not None:
         pretrained = load_qnet(config.init, config.env_id, config.hidden).state_dict()
         for net in (agent.policy.q_net, agent.policy.q_net_target):
