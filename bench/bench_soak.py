@@ -42,15 +42,16 @@ import numpy as np
 from benchlib import RESULTS_DIR
 from loadgen import RequestTemplate
 
+from app.equivariance import METHOD_NAMES
+
 DEFAULT_OUT = RESULTS_DIR / "soak_cpu.json"
-METHODS = ("vanilla", "equitune", "equizero", "lambda")
 
 
 def soak_templates(photos: Sequence[loadgen.Photo], model: str) -> list[RequestTemplate]:
     """The traffic mix: about 80 % good classify requests, 12 % bad ones, 8 % reads."""
     good: list[RequestTemplate] = []
     for i, photo in enumerate(photos):
-        method = METHODS[i % len(METHODS)]
+        method = METHOD_NAMES[i % len(METHOD_NAMES)]
         good.append(loadgen.multipart_classify([photo], model, method=method, top_k=1 + i % 3, weight=4.0))
     good.append(loadgen.multipart_classify(photos[:2], model, method="lambda", kind="multipart:2 images", weight=3.0))
     good.append(loadgen.json_classify([photos[0]], model, method="equizero", kind="json:b64", weight=4.0))

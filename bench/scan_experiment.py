@@ -64,7 +64,7 @@ def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> 
     """Everything of one (split, cell, seed), cached as ``<work>/<split>-<cell>-<seed>/unit.json``."""
     import torch
 
-    from app.equivariance.methods import Method
+    from app.equivariance import Method
     from app.tasks.translate.groups import scan_group
     from app.tasks.translate.scan import split
     from app.training.scan import (

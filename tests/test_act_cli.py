@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.equivariance.methods import Method
+from app.equivariance import Method
 from app.tasks.act.messages import ActRequest
 from app.training.dqn import DQNConfig, load_qnet, train_dqn
 from app.training.dqn_cli import main

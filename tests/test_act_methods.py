@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.equivariance import Method
 from app.equivariance.lambda_net import LambdaNet
-from app.equivariance.methods import Method
 from app.equivariance.qvalues import QValueModel, SignedPermutation, StateActionGroup, combine_q
 from app.tasks.act.qnet import QNet, equivariant
 from app.tasks.act.symmetries import GRID_ENV_ID, SYMMETRIES, symmetry

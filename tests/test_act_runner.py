@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from app.config import DEFAULT_MODELS_DIR
 from app.engine.errors import InvalidInput
 from app.engine.registry import ModelLoadError
+from app.equivariance import Method
 from app.equivariance.lambda_net import LambdaNet
-from app.equivariance.methods import Method
 from app.tasks.act import runner as runner_module
 from app.tasks.act.messages import ActRequest
 from app.tasks.act.qnet import QNet

@@ -27,7 +27,7 @@ from app.api.middleware import RequestContextMiddleware
 from app.api.v2 import HEADER_LENGTH as HEADER
 from app.api.v2 import build_v2_router
 from app.engine.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
-from app.equivariance.methods import Method
+from app.equivariance import Method
 from app.metrics import Metrics
 from app.tasks.base import Timing
 from app.tasks.generate.messages import GenerateOutput, GenerateRequest, GenerationResult

@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import app.equivariance
 from app.equivariance import Method, ZeroLoss, combine, equizero_loss, lambda_entropy
+
+# The method names, the HTTP layer and the command lines: none of them may load torch.
+TORCH_FREE = ["app.equivariance", "app.api.routes", "app.api.v2", "app.server", "app.cli", "app.training.dqn_cli"]
+PROBE = f"""
+import sys
+for name in {TORCH_FREE!r}:
+    __import__(name)
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def test_method_names_the_http_layer_and_the_command_lines_import_without_torch() -> None:
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_package_loads_its_torch_modules_on_first_use() -> None:
+    assert app.equivariance.combine is combine and app.equivariance.Method is Method
+    assert all(hasattr(app.equivariance, name) for name in app.equivariance.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        app.equivariance.nothing  # noqa: B018
 
 
 def test_vanilla_is_the_identity_copy_bit_for_bit() -> None:

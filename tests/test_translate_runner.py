@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from app.config import DEFAULT_MODELS_DIR
 from app.engine.errors import InvalidInput, TooLarge
-from app.equivariance.methods import Method
+from app.equivariance import Method
 from app.tasks.base import LoadOptions, Timing
 from app.tasks.translate.groups import scan_group
 from app.tasks.translate.messages import TranslateRequest

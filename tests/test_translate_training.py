@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from app.equivariance.methods import Method
+from app.equivariance import Method
 from app.equivariance.sequence import teacher_forced_copies
 from app.tasks.translate.groups import scan_group
 from app.tasks.translate.messages import TranslateRequest

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import Settings
 from app.engine.errors import InvalidInput, TooLarge
+from app.equivariance import METHOD_NAMES
 from app.tasks.classify.decode import check_content_type, decode_base64
 from app.tasks.classify.messages import ClassifyOutput, ClassifyRequest, EncodedImage
 
@@ -48,7 +49,7 @@ CLASSIFY_BODY = {
                     "required": ["image"],
                     "properties": {
                         "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "method": {"type": "string", "enum": ["vanilla", "equitune", "equizero", "lambda"]},
+                        "method": {"type": "string", "enum": list(METHOD_NAMES)},
                         "top_k": {
                             "type": "integer",
                             "minimum": 1,

@@ -18,20 +18,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-
-class Method(str, Enum):
-    VANILLA = "vanilla"
-    EQUITUNE = "equitune"
-    EQUIZERO = "equizero"
-    LAMBDA = "lambda"
-
-
-class ZeroLoss(str, Enum):
-    """What equizero minimises over the copies."""
-
-    NEG_MAX_PROB = "neg_max_prob"  # -max softmax probability: the paper's choice for CLIP
-    ENTROPY = "entropy"  # entropy of the softmax
-    NEG_MAX_VALUE = "neg_max_value"  # -max of the raw output: Q-learning's "maximise the Q-value"
+from .choices import Method, ZeroLoss
 
 
 @dataclass(frozen=True)

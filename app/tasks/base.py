@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.engine.errors import InvalidInput
-from app.equivariance.methods import Method, ZeroLoss
+from app.equivariance import Method, ZeroLoss
 
 if TYPE_CHECKING:
     import torch

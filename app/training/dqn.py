@@ -31,8 +31,8 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch import Tensor, nn
 
+from app.equivariance import Method
 from app.equivariance.lambda_net import LambdaNet
-from app.equivariance.methods import Method
 from app.equivariance.qvalues import QValueModel
 from app.tasks.act.envs import make_env, run_episodes, solved_threshold
 from app.tasks.act.qnet import DEFAULT_HIDDEN, QNet, equivariant, greedy_actions

@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.cli import add_models_dir, configure_logging
+from app.equivariance import METHOD_NAMES, Method
 
 if TYPE_CHECKING:
     from .dqn import DQNConfig
-
-METHODS = ("vanilla", "equitune", "equizero", "lambda")  # app.equivariance.methods.Method (which imports torch)
 
 
 def add_parsers(commands: Any) -> None:
@@ -38,7 +37,7 @@ def add_train_dqn_parser(commands: Any) -> None:
         "`serve` loads as an act model.",
     )
     p.add_argument("--env", default="CartPole-v1", help="CartPole-v1, Acrobot-v1 or equiserve/GridWorldC4-v0")
-    p.add_argument("--method", default="vanilla", choices=METHODS, help="how the copies are combined in training")
+    p.add_argument("--method", default="vanilla", choices=METHOD_NAMES, help="how the copies are combined in training")
     p.add_argument("--steps", type=int, default=None, help="environment steps (default: per environment)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, default=None, help="start from this agent (model folder or safetensors)")
@@ -50,7 +49,7 @@ def add_train_dqn_parser(commands: Any) -> None:
     p.add_argument(
         "--default-method",
         default=None,
-        choices=METHODS,
+        choices=METHOD_NAMES,
         help="the entry's (default: lambda with a λ-net, else equitune)",
     )
     add_models_dir(p)
@@ -60,8 +59,6 @@ def add_train_dqn_parser(commands: Any) -> None:
 
 def run_train_dqn(args: argparse.Namespace) -> int:
     import torch
-
-    from app.equivariance.methods import Method
 
     from .dqn import DQNConfig, evaluate, export_agent, train_dqn
 
@@ -119,7 +116,7 @@ def add_play_parser(commands: Any) -> None:
     p.add_argument("--env", default="CartPole-v1", help="gymnasium id (must match the model's)")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
-    p.add_argument("--method", default=None, choices=METHODS, help="default: the model's default method")
+    p.add_argument("--method", default=None, choices=METHOD_NAMES, help="default: the model's default method")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>'")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.set_defaults(run=run_play)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.equivariance.methods import Method
+from app.equivariance import Method
 from app.tasks.base import Timing
 
 

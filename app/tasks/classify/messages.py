@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.equivariance.methods import Method
+from app.equivariance import Method
 from app.tasks.base import Timing
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.equivariance.methods import Method
+from app.equivariance import Method
 from app.tasks.base import Timing
 
 

@@ -20,8 +20,8 @@ import torch
 from app.config import Settings
 from app.engine.errors import InvalidInput, TooLarge
 from app.engine.registry import ModelLoadError, file_in, load_lambda_net, load_tensors
+from app.equivariance import Method
 from app.equivariance.lambda_net import LambdaNet
-from app.equivariance.methods import Method
 from app.equivariance.sequence import Decoded, SequenceGroup, decode
 from app.tasks.base import Timing
 
