@@ -74,8 +74,11 @@ def _tiny_weights() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return backbone.trunk_state(), head
 
 
-def write_tiny_model(models_dir: Path, name: str = "tiny", group: str = "c4", trained_lambda: bool = True) -> Path:
-    """A seeded random resnet18 on 32x32 inputs with 3 labels and a random (\"trained\") λ-net."""
+def write_tiny_model(
+    models_dir: Path, name: str = "tiny", group: str = "c4", trained_lambda: bool = True, input_size: int = 32
+) -> Path:
+    """A seeded random resnet18 with 3 labels and a random (\"trained\") λ-net; inputs are resized to
+    ``input_size`` (a larger one makes a pass slow enough to be caught in the middle of it)."""
     import yaml
     from safetensors.torch import save_file
 
@@ -90,7 +93,12 @@ def write_tiny_model(models_dir: Path, name: str = "tiny", group: str = "c4", tr
         "description": "test model",
         "backbone": {
             "family": "torchvision",
-            "options": {"arch": "resnet18", "num_classes": 3, "input_size": 32, "weights_path": "trunk.safetensors"},
+            "options": {
+                "arch": "resnet18",
+                "num_classes": 3,
+                "input_size": input_size,
+                "weights_path": "trunk.safetensors",
+            },
         },
         "group": group,
         "head": "head.safetensors",

@@ -218,7 +218,9 @@ def scenario(workdir: Path) -> dict[str, Any]:
     from tests.test_prometheus import drive_dashboard_traffic, empty_panels, running_prometheus
 
     models, file_sd = workdir / "models", workdir / "file_sd"
-    write_tiny_model(models)
+    # At 128 px a replica computes most of the time (the pass at 32 px is short beside the trip
+    # through Ray's proxy), so the replica killed under load has accepted requests to send again.
+    write_tiny_model(models, input_size=128)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     process = start_server(
