@@ -375,10 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    benchlib.write_json(args.out, report)
     print_tables(report)
-    print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

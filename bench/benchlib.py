@@ -118,9 +118,23 @@ def report_header(benchmark: str, started: dt.datetime, note: str, load_start: l
     }
 
 
+def dumps_report(value: Any, indent: int = 0) -> str:
+    """JSON indented by 2 like ``json.dumps(indent=2)``, but a list of plain values (a curve, a
+    load average) stays on one line: results with per-episode curves stay readable and small."""
+    pad, inner = " " * indent, " " * (indent + 2)
+    if isinstance(value, dict) and value:
+        items = (
+            f"{inner}{json.dumps(str(k), ensure_ascii=False)}: {dumps_report(v, indent + 2)}" for k, v in value.items()
+        )
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        return "[\n" + ",\n".join(f"{inner}{dumps_report(v, indent + 2)}" for v in value) + f"\n{pad}]"
+    return json.dumps(value, ensure_ascii=False)
+
+
 def write_json(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    path.write_text(dumps_report(report) + "\n")
     print(f"wrote {path}", file=sys.stderr)
 
 
