@@ -65,8 +65,9 @@ def test_each_listed_wheel_brings_what_it_needs() -> None:
 
 
 def test_the_wheels_folder_is_ignored_and_the_scripts_run() -> None:
-    ignored = subprocess.run(["git", "check-ignore", "-q", ".whl/x.whl"], cwd=ROOT)
-    assert ignored.returncode == 0, ".whl/ must stay out of git (it travels as carried, ignored files)"
+    for folder in (".whl", ".whl-ort"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/x.whl"], cwd=ROOT)
+        assert ignored.returncode == 0, f"{folder}/ must stay out of git (it travels as carried, ignored files)"
     for script in ("fetch-wheels", "run"):
         path = KIT / script
         assert path.stat().st_mode & 0o111, f"{script} is not executable"
