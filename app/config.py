@@ -1,4 +1,8 @@
-"""All settings in one place: every knob is an ``EQUISERVE_*`` env var and a CLI flag."""
+"""The server's settings: every knob is an ``EQUISERVE_*`` env var and a ``serve`` flag.
+
+Each task's own limits (images per request, commands per request, ...) are its settings section
+(``app.tasks.<task>.settings``, ``EQUISERVE_<TASK>_*``), overridable per model in ``model.yaml``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
-# What runs an image backbone (app.engine.registry.load_model): here, as the setting's type.
+# What runs an image backbone (app.tasks.load_model): here, as the setting's type.
 Runtime = Literal["auto", "torch", "onnxruntime"]
 
 
@@ -45,10 +49,6 @@ class Settings(BaseSettings):
         30.0, gt=0, description="deadline from a request's arrival to the start of its batch, else 504"
     )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body limit (413)")
-    max_pixels: int = Field(25_000_000, ge=1, description="decoded pixels per image (413; decompression bombs)")
-    max_images: int = Field(16, ge=1, description="images per request (413)")
-    max_labels: int = Field(1000, ge=1, description="zero-shot labels per request (413)")
-    max_label_chars: int = Field(200, ge=1, description="characters per zero-shot label (422)")
     api_key: SecretStr | None = Field(None, description="when set, inference routes need 'Authorization: Bearer <key>'")
     protect_metrics: bool = Field(False, description="when set with an API key, /metrics needs it too")
     warmup: bool = Field(True, description="run a max-size batch per model before turning ready")
@@ -74,9 +74,6 @@ class Settings(BaseSettings):
         "the same session or container: nice weighs threads only within a scheduling group)",
     )
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and resizing images")
-    max_observations: int = Field(256, ge=1, description="act: environment states per request (422)")
-    max_commands: int = Field(64, ge=1, description="translate: commands per request (413)")
-    max_command_words: int = Field(9, ge=1, description="translate: words per command (422); SCAN's longest has 9")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     processes: int = Field(
         1,

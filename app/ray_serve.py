@@ -217,8 +217,8 @@ def replica_settings(settings: Settings) -> Settings:
 @serve.ingress()  # late-bound: each replica builds its own app in __serve_build_asgi_app__
 class EquiserveReplica:
     def __init__(self, settings: Settings) -> None:
+        from app.command_line import configure_server_logging
         from app.server import create_app
-        from app.serving import configure_server_logging
 
         configure_server_logging(settings.log_level)
         context = serve.get_replica_context()

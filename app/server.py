@@ -8,14 +8,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api.act import build_act_router
-from app.api.classify import build_classify_router
 from app.api.docs import build_docs_router
 from app.api.errors import install_error_handlers
-from app.api.generate import build_generate_router
+from app.api.inference import build_inference_router
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import build_router
-from app.api.translate import build_translate_router
 from app.api.v2 import build_v2_router
 from app.api.web import build_web_router
 from app.config import Settings
@@ -55,10 +52,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = engine
     for router in (
         build_router(),
-        build_classify_router(),
-        build_generate_router(),
-        build_act_router(),
-        build_translate_router(),
+        build_inference_router(),
         build_v2_router(),
         build_docs_router(),
         build_web_router(),

@@ -15,13 +15,12 @@ import tempfile
 import time
 from typing import Any
 
+from app.command_line import configure_server_logging
 from app.config import Settings
+from app.tasks import TASKS, task_limits
+from app.tasks.base import env_names
 
 log = logging.getLogger("equiserve")
-
-# Third-party loggers that narrate at INFO what only matters when debugging (the ONNX
-# exporter prints every optimisation pass): WARNING and up unless EQUISERVE_LOG_LEVEL=debug.
-CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "onnxruntime", "httpx", "transformers", "accelerate")
 
 
 def add_parsers(commands: Any) -> None:
@@ -31,30 +30,37 @@ def add_parsers(commands: Any) -> None:
 
 
 def settings_parser(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field."""
+    """One flag per Settings field, and one per limit of each registered task (``--act-max-observations``)."""
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} [env EQUISERVE_{name.upper()}]"
+        help_text = f"{field.description} (default: {field.default}) [env EQUISERVE_{name.upper()}]"
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, default=None, help=help_text)
+    for task in TASKS:
+        limits = task_limits(task)
+        for name, field in limits.model_fields.items():
+            env = env_names(limits, name)[0]
+            parser.add_argument(
+                f"--{task}-{name.replace('_', '-')}",
+                dest=f"limit:{env}",
+                default=None,
+                help=f"{task}: {field.description} (default: {field.default}; a model's model.yaml `limits:` "
+                f"overrides it) [env {env}]",
+            )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The server's Settings from the flags over the env; task limits given as flags become their
+    env vars, which each model's limits (and every server process) read."""
+    for dest, value in vars(args).items():
+        if dest.startswith("limit:") and value is not None:
+            os.environ[dest.removeprefix("limit:")] = str(value)
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None
     }
     return Settings(**overrides)
-
-
-def configure_server_logging(level: str) -> None:
-    from app.cli import configure_logging
-
-    configure_logging(level.upper())
-    if level != "debug":
-        for name in CHATTY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_serve(args: argparse.Namespace) -> int:

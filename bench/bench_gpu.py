@@ -144,10 +144,10 @@ def raw_ceiling(
     """``ClassifyModel`` at each batch size: warm twice, then time until ``seconds_per_size``."""
     import torch
 
-    from app.engine.registry import load_model
+    from app.backbones.images import decode_image
     from app.equivariance import Method
+    from app.tasks import load_model
     from app.tasks.base import LoadOptions
-    from app.tasks.classify.decode import decode_image
     from app.tasks.classify.model import ImageItem
 
     started = time.perf_counter()

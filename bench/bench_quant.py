@@ -71,7 +71,7 @@ def entry(name: str, precision: str) -> str:
 
 def load(models_dir: Path, name: str, cache_dir: Path, threads: int | None, seconds: dict[str, float]) -> Any:
     """The entry as the server loads it on the CPU (onnxruntime); ``seconds[name]``: how long it took."""
-    from app.engine.registry import load_model
+    from app.tasks import load_model
 
     started = time.perf_counter()
     model = load_model(models_dir, name, device="cpu", runtime="onnxruntime", onnx_cache_dir=cache_dir,
@@ -186,8 +186,8 @@ def photo_pixels(photos: Sequence[loadgen.Photo], size: int, crops: int, seed: i
     """Every photo whole, plus ``crops`` seeded crops of each (35-100 % of the shorter side)."""
     import torch
 
+    from app.backbones.images import decode_image
     from app.backbones.preprocess import pixels_from_uint8
-    from app.tasks.classify.decode import decode_image
 
     rng = np.random.default_rng(seed)
     pixels, names = [], []
@@ -208,7 +208,7 @@ def fashion_pixels(n: int, size: int, seed: int) -> tuple[Any, np.ndarray]:
     """``n`` Fashion-MNIST test images, each under a seeded random rotation, and their labels."""
     import torch
 
-    from app.training.data import fashion_mnist
+    from app.backbones.datasets import fashion_mnist
 
     test = fashion_mnist("test")
     rng = np.random.default_rng(seed)
@@ -225,9 +225,9 @@ def fashion_pixels(n: int, size: int, seed: int) -> tuple[Any, np.ndarray]:
 def transfer_accuracy(models: dict[str, dict[str, Any]], test_size: int | None, seed: int) -> dict[str, Any]:
     """``python -m app evaluate``'s numbers for each Fashion model and precision. The two
     Fashion models share their frozen trunk, so each precision's features are computed once."""
-    from app.training.data import load_test
-    from app.training.evaluate import evaluate_features
-    from app.training.features import extract_features
+    from app.backbones.datasets import load_test
+    from app.tasks.classify.training.evaluate import evaluate_features
+    from app.tasks.classify.training.features import extract_features
 
     test = load_test("fashion-mnist", test_size=test_size, seed=seed)
     report: dict[str, Any] = {"n": len(test)}

@@ -72,9 +72,9 @@ class RawBench:
     def __init__(
         self, photos: Sequence[loadgen.Photo], model: str, models_dir: Path | None, runtime: str = "auto"
     ) -> None:
+        from app.backbones.images import decode_image
         from app.engine.engine import Engine
         from app.equivariance import Method
-        from app.tasks.classify.decode import decode_image
         from app.tasks.classify.model import ImageItem
 
         engine = Engine(engine_settings(model, models_dir, runtime, warmup=False))
@@ -180,8 +180,8 @@ def stage_costs(templates: Sequence[loadgen.RequestTemplate], input_size: int, r
     import torch
     from starlette.requests import Request
 
+    from app.backbones import images as decode
     from app.backbones.preprocess import pixels_from_uint8
-    from app.tasks.classify import decode
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a preprocessing thread runs one image at a time

@@ -41,9 +41,10 @@ from tables import header  # noqa: E402
 
 from app.equivariance.methods import Method  # noqa: E402
 from app.tasks.act.envs import make_env, solved_threshold  # noqa: E402
-from app.tasks.act.runner import ActRunner  # noqa: E402
+from app.tasks.act.model import ActModel  # noqa: E402
 from app.tasks.act.spec import ActSpec  # noqa: E402
-from app.training.dqn import DQNConfig, evaluate, train_dqn  # noqa: E402
+from app.tasks.act.training import DQNConfig, evaluate, train_dqn  # noqa: E402
+from app.tasks.base import LoadOptions  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
 MODELS = REPO_ROOT / "models"
@@ -68,12 +69,12 @@ ZERO_SHOT_SEED = 2_000_000  # evaluation episodes use seeds no training run saw
 FINAL_EVAL_EPISODES = 10
 
 
-def load_agent(env_id: str) -> ActRunner:
+def load_agent(env_id: str) -> ActModel:
     folder = MODELS / AGENTS[env_id]
     import yaml
 
     spec = ActSpec.model_validate({**yaml.safe_load((folder / "model.yaml").read_text()), "name": folder.name})
-    return ActRunner.load(folder, spec, torch.device("cpu"))
+    return ActModel.load(folder, spec, LoadOptions(device="cpu"))
 
 
 def mean_std(values: list[float]) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 For each split (Add Jump, Around Right), cell (GRU, LSTM) and seed (0, 1, 2):
 
-1. pretrain the non-equivariant seq2seq on the split's training commands (``app.training.scan.pretrain``;
+1. pretrain the non-equivariant seq2seq on the split's training commands (``app.tasks.translate.training.pretrain``;
    the checkpoint with the best held-out accuracy);
 2. zero-shot: vanilla, and per group equitune, equizero and λ-equitune (its λ-net trained on the frozen
    model: ``train_zero_shot_lambda``);
@@ -67,7 +67,7 @@ def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> 
     from app.equivariance import Method
     from app.tasks.translate.groups import scan_group
     from app.tasks.translate.scan import split
-    from app.training.scan import (
+    from app.tasks.translate.training import (
         FinetuneConfig,
         PretrainConfig,
         accuracy,
@@ -259,7 +259,7 @@ def export_models(units: list[dict[str, Any]], work_dir: Path, models_dir: Path)
     from safetensors.torch import load_file
 
     from app.equivariance.lambda_net import LambdaNet
-    from app.training.scan import SPLIT_NAMES, PretrainConfig, TrainResult, best_run, ship
+    from app.tasks.translate.training import SPLIT_NAMES, PretrainConfig, TrainResult, best_run, ship
 
     written = []
     for split_name in SHIPPED_GROUPS:
@@ -311,7 +311,7 @@ def main() -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
 
-    from app.training.scan import LAMBDA_STEPS
+    from app.tasks.translate.training import LAMBDA_STEPS
 
     started, load_start = utc_now(), load_average()
     options = {

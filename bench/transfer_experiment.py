@@ -44,14 +44,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # so `python bench/transfer_experiment.py` finds `app` without installing it
     sys.path.insert(0, str(REPO_ROOT))
 
+from app.backbones.datasets import ImageSet, load_splits  # noqa: E402
 from app.backbones.efficientnet import EfficientNetLite  # noqa: E402
 from app.backbones.preprocess import pixels_from_uint8  # noqa: E402
 from app.equivariance import LambdaNet, Method, ZeroLoss, image_group  # noqa: E402
-from app.training.data import ImageSet, load_splits  # noqa: E402
-from app.training.evaluate import COLUMN_TITLES, evaluate_features, predict  # noqa: E402
-from app.training.export import verify_reload, write_model  # noqa: E402
-from app.training.features import CopyFeatures, FeatureCache, transformed, use_fast_cpu_layout  # noqa: E402
-from app.training.trainer import TrainConfig, TrainResult, train_on_features  # noqa: E402
+from app.tasks.classify.training.evaluate import COLUMN_TITLES, evaluate_features, predict  # noqa: E402
+from app.tasks.classify.training.export import verify_reload, write_model  # noqa: E402
+from app.tasks.classify.training.features import CopyFeatures, FeatureCache, transformed, use_fast_cpu_layout  # noqa: E402
+from app.tasks.classify.training.trainer import TrainConfig, TrainResult, train_on_features  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
 SHIP_NAME = "fashion-effnet-c4"
@@ -220,7 +220,7 @@ def ship(
     verify_reload(args.models_dir, SHIP_NAME, backbone, lam, val.features[0, :64])
 
     # The serving path: load_model, a rotated uint8 upload -> pixels_from_uint8 -> the fused pass.
-    from app.engine.registry import load_model
+    from app.tasks import load_model
 
     loaded = load_model(args.models_dir, SHIP_NAME, device="cpu")
     n = min(args.serve_check, len(test))

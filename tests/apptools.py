@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
@@ -24,6 +25,19 @@ from app.config import Settings
 from app.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def set_limits(monkeypatch: pytest.MonkeyPatch, task: str, **limits: Any) -> None:
+    """Task limits for the servers this test starts, through their env vars (EQUISERVE_<TASK>_<LIMIT>)."""
+    for name, value in limits.items():
+        monkeypatch.setenv(f"EQUISERVE_{task.upper()}_{name.upper()}", str(value))
+
+
+def with_limits(model: Any, **limits: Any) -> Any:
+    """A copy of a loaded model whose spec carries these limits (as ``limits:`` in its model.yaml would)."""
+    copy = __import__("copy").copy(model)
+    copy.spec = model.spec.model_copy(update={"limits": model.spec.limits_type(**limits)})
+    return copy
 
 
 def make_settings(models_dir: Path, **overrides: Any) -> Settings:

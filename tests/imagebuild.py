@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "equiserve:cpu"
 
@@ -44,3 +46,7 @@ def start_build() -> ImageBuild:
             ["nice", "-n", "19", "ionice", "-c", "3", *command], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
         )
     return ImageBuild(process, log)
+
+
+# Where the session's build is kept (tests/conftest.py starts it, test_container.py waits for it).
+IMAGE_BUILD = pytest.StashKey[ImageBuild]()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from app.equivariance import Method
+from app.tasks.act.cli import main
 from app.tasks.act.messages import ActRequest
-from app.training.dqn import DQNConfig, load_qnet, train_dqn
-from app.training.dqn_cli import main
+from app.tasks.act.training import DQNConfig, load_qnet, train_dqn
 from tests.test_act_runner import load_runner, read_act_spec, write_tiny_agent
 
 
@@ -30,7 +30,7 @@ def test_train_dqn_writes_a_servable_entry(
     assert spec.env == "CartPole-v1" and spec.hidden == (8,) and spec.lambda_net is None
     assert spec.training["method"] == "vanilla" and spec.training["greedy_return"]["episodes"] == 2
     runner = load_runner(tmp_path / "mini")
-    assert runner.prepare(ActRequest([[0.0] * 4]))
+    assert runner.split(ActRequest([[0.0] * 4]))
 
 
 def test_lambda_on_a_frozen_agent_trains_only_the_lambda_net(tmp_path: Path) -> None:

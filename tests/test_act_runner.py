@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,18 +10,18 @@ import yaml
 from pydantic import ValidationError
 
 from app.config import DEFAULT_MODELS_DIR
-from app.engine.errors import InvalidInput
-from app.engine.registry import ModelLoadError
 from app.equivariance import Method
 from app.equivariance.lambda_net import LambdaNet
-from app.tasks.act import runner as runner_module
+from app.errors import InvalidInput
+from app.repository import ModelLoadError
+from app.tasks.act import model as runner_module
 from app.tasks.act.messages import ActRequest
+from app.tasks.act.model import ActItem, ActModel
 from app.tasks.act.qnet import QNet
-from app.tasks.act.runner import ActItem, ActRunner
 from app.tasks.act.spec import ActSpec
 from app.tasks.act.symmetries import GRID_ENV_ID, symmetry
-from app.tasks.act.task import ActModel
 from app.tasks.base import LoadOptions, Timing
+from tests.apptools import with_limits
 
 SHIPPED = ("dqn-cartpole", "dqn-acrobot", "dqn-grid")
 
@@ -53,12 +52,12 @@ def read_act_spec(folder: Path) -> ActSpec:
     return ActSpec.model_validate({**yaml.safe_load((folder / "model.yaml").read_text()), "name": folder.name})
 
 
-def load_runner(folder: Path) -> ActRunner:
-    return ActRunner.load(folder, read_act_spec(folder), torch.device("cpu"))
+def load_runner(folder: Path) -> ActModel:
+    return ActModel.load(folder, read_act_spec(folder), LoadOptions(device="cpu"))
 
 
 @pytest.fixture
-def runner(tmp_path: Path) -> ActRunner:
+def runner(tmp_path: Path) -> ActModel:
     return load_runner(write_tiny_agent(tmp_path))
 
 
@@ -77,28 +76,28 @@ def runner(tmp_path: Path) -> ActRunner:
         ([[0.0] * 4] * 9, InvalidInput, "9 observations .* limit is 8"),
     ],
 )
-def test_bad_requests_say_what_is_wrong(runner: ActRunner, observations: object, error: type, message: str) -> None:
+def test_bad_requests_say_what_is_wrong(runner: ActModel, observations: object, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
-        runner.prepare(ActRequest(observations), max_observations=8)  # type: ignore[arg-type]
+        with_limits(runner, max_observations=8).split(ActRequest(observations))  # type: ignore[arg-type]
 
 
-def test_unknown_methods_are_refused(runner: ActRunner) -> None:
+def test_unknown_methods_are_refused(runner: ActModel) -> None:
     with pytest.raises(InvalidInput, match="method 'best'"):
-        runner.prepare(ActRequest([[0.0] * 4], "best"))
+        runner.split(ActRequest([[0.0] * 4], "best"))
 
 
-def test_prepare_makes_one_item_per_observation_with_the_default_method(runner: ActRunner) -> None:
-    items = runner.prepare(ActRequest([[0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4]]))
+def test_prepare_makes_one_item_per_observation_with_the_default_method(runner: ActModel) -> None:
+    items = runner.split(ActRequest([[0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4]]))
     assert [item.method for item in items] == [Method.EQUIZERO] * 2
     assert items[1].observation.dtype == torch.float32 and items[1].observation.tolist() == [1, 2, 3, 4]
 
 
 # -- the fused pass ---------------------------------------------------------------------------------
-def _items(runner: ActRunner, observations: torch.Tensor, method: Method) -> list[ActItem]:
+def _items(runner: ActModel, observations: torch.Tensor, method: Method) -> list[ActItem]:
     return [ActItem(o, method) for o in observations]
 
 
-def test_diagnostics_of_every_method(runner: ActRunner) -> None:
+def test_diagnostics_of_every_method(runner: ActModel) -> None:
     obs = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     methods = list(Method)
     items = [ActItem(o, m) for m in methods for o in obs]  # one batch mixing all four methods
@@ -147,14 +146,14 @@ def test_answers_are_equivariant(tmp_path: Path, method: Method) -> None:
             assert m.action == int(group.act_action(torch.tensor(b.action), g))
 
 
-def test_an_item_gets_the_same_answer_alone_or_in_a_batch(runner: ActRunner) -> None:
+def test_an_item_gets_the_same_answer_alone_or_in_a_batch(runner: ActModel) -> None:
     obs = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
     batch = runner(_items(runner, obs, Method.LAMBDA))
     alone = runner(_items(runner, obs[4:5], Method.LAMBDA))[0]
     assert batch[4].q_values == pytest.approx(alone.q_values, abs=1e-6)  # type: ignore[union-attr]
 
 
-def test_one_failing_method_fails_only_its_items(runner: ActRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_failing_method_fails_only_its_items(runner: ActModel, monkeypatch: pytest.MonkeyPatch) -> None:
     real = runner_module.combine_q
 
     def broken(aligned, method, **kw):
@@ -172,11 +171,11 @@ def test_respond_warmup_and_card(tmp_path: Path) -> None:
     model = ActModel.load(folder, read_act_spec(folder), LoadOptions(device="cpu"))
     model.warmup(8)
     request = ActRequest([[1.0, 0.0, 1.0, 0.0, 0.0, 0.0]], "lambda")
-    items = model.split(request, SimpleNamespace(max_observations=4))  # type: ignore[arg-type]
+    items = with_limits(model, max_observations=4).split(request)
     output = model.respond(request, list(model(list(map(model.prepare, items)))), Timing(0.0, 0.001, 1))
     assert (output.model, output.method, output.group, output.env) == (folder.name, Method.LAMBDA, "z2", "Acrobot-v1")
     with pytest.raises(InvalidInput, match="limit is 4"):
-        model.split(ActRequest([[0.0] * 6] * 5), SimpleNamespace(max_observations=4))  # type: ignore[arg-type]
+        with_limits(model, max_observations=4).split(ActRequest([[0.0] * 6] * 5))
     card = model.card()
     assert card["task"] == "act" and card["env"] == "Acrobot-v1" and card["group"] == "z2"
     assert card["transforms"] == ["identity", "reflect"] and card["lambda_trained"] is True
@@ -205,7 +204,7 @@ def test_weights_that_do_not_fit_name_the_file(tmp_path: Path) -> None:
     folder = write_tiny_agent(tmp_path)
     spec = read_act_spec(folder).model_copy(update={"env": "Acrobot-v1"})
     with pytest.raises(ModelLoadError, match=r"qnet\.safetensors does not fit"):
-        ActRunner.load(folder, spec, torch.device("cpu"))
+        ActModel.load(folder, spec, LoadOptions(device="cpu"))
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from app.tasks.act.cli import main
 from app.tasks.act.symmetries import GRID_ENV_ID, symmetry
-from app.training.dqn_cli import main
-from tests.apptools import ROOT, free_port, make_settings, serving, start_server, wait_ready
+from tests.apptools import ROOT, free_port, make_settings, serving, set_limits, start_server, wait_ready
 
 MODELS = ROOT / "models"
 AGENTS = {"dqn-cartpole": "CartPole-v1", "dqn-grid": GRID_ENV_ID}
@@ -74,8 +74,11 @@ async def test_vanilla_over_http_is_not_equivariant() -> None:
         ({"observations": [[0.0, 1e39, 0.0, 0.0]]}, 422, "NaN or infinity"),
     ],
 )
-async def test_bad_requests_are_refused_with_what_was_wrong(body: dict, status: int, message: str) -> None:
-    async with serving(make_settings(MODELS, models=["dqn-cartpole"], max_observations=2)) as (client, _):
+async def test_bad_requests_are_refused_with_what_was_wrong(
+    body: dict, status: int, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_limits(monkeypatch, "act", max_observations=2)
+    async with serving(make_settings(MODELS, models=["dqn-cartpole"])) as (client, _):
         response = await client.post("/v1/models/dqn-cartpole/act", json=body)
         assert response.status_code == status, response.text
         assert message in response.text

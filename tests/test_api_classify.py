@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.apptools import make_settings, serving
-from tests.conftest import TINY_LABELS, png_bytes
+from tests.imagetools import TINY_LABELS, png_bytes
 
 URL = "/v1/models/tiny/classify"
 

@@ -14,7 +14,7 @@ from asgi_lifespan import LifespanManager
 
 from app.server import create_app
 from tests.apptools import make_settings
-from tests.conftest import png_bytes
+from tests.imagetools import png_bytes
 
 
 def classify_scope(headers: list[tuple[bytes, bytes]]) -> dict:

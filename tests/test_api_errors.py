@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from app.server import create_app
-from tests.apptools import make_settings, serving
-from tests.conftest import png_bytes
+from tests.apptools import make_settings, serving, set_limits
+from tests.imagetools import png_bytes
 
 URL = "/v1/models/tiny/classify"
 
@@ -35,8 +35,9 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     return body["error"]
 
 
-async def test_client_errors(tiny_models_dir: Path) -> None:
-    settings = make_settings(tiny_models_dir, max_images=2, max_pixels=100_000, max_body_bytes=200_000)
+async def test_client_errors(tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_limits(monkeypatch, "classify", max_images=2, max_pixels=100_000)
+    settings = make_settings(tiny_models_dir, max_body_bytes=200_000)
     async with serving(settings) as (client, _):
         good = [image_file()]
         # 400: corrupt and truncated images, invalid base64

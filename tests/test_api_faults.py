@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.apptools import make_settings, serving
-from tests.conftest import png_bytes
+from tests.imagetools import png_bytes
 
 URL = "/v1/models/tiny/classify"
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.apptools import make_settings, serving
-from tests.conftest import photo
+from tests.apptools import make_settings, serving, set_limits
+from tests.imagetools import photo
 
 URL = "/v1/models/tiny/classify"
 
@@ -97,15 +97,16 @@ REFUSED: dict[str, tuple[Callable[[], bytes], str, int]] = {
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.conftest import write_tiny_model
+    from tests.imagetools import write_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     write_tiny_model(root)
     return root
 
 
-async def test_corpus(models_dir: Path) -> None:
-    settings = make_settings(models_dir, max_pixels=20_000_000, max_body_bytes=2_000_000)
+async def test_corpus(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_limits(monkeypatch, "classify", max_pixels=20_000_000)
+    settings = make_settings(models_dir, max_body_bytes=2_000_000)
     async with serving(settings) as (client, _):
         for name, make in ACCEPTED.items():
             r = await client.post(URL, files=[("image", ("f", make(), "application/octet-stream"))])
@@ -154,6 +155,6 @@ async def test_exif_orientation_is_applied_before_the_group_acts(models_dir: Pat
 
 
 def test_base64_helper_roundtrip() -> None:
-    from app.tasks.classify.decode import decode_base64
+    from app.backbones.images import decode_base64
 
     assert decode_base64(base64.b64encode(b"abc").decode(), 100) == b"abc"

@@ -7,7 +7,7 @@ import pytest
 
 from app.config import DEFAULT_MODELS_DIR
 from tests.apptools import make_settings, serving
-from tests.conftest import jpeg_bytes, photo, png_bytes
+from tests.imagetools import jpeg_bytes, photo, png_bytes
 
 pytestmark = pytest.mark.slow
 URL = "/v1/models/imagenet-effnet-c4/classify"

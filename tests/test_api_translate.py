@@ -10,7 +10,7 @@ import pytest
 from app.tasks.translate.groups import command_copies, scan_group
 from app.tasks.translate.scan import split
 from app.tasks.translate.vocab import ACTIONS_VOCAB
-from tests.apptools import ROOT, make_settings, serving
+from tests.apptools import ROOT, make_settings, serving, set_limits
 
 MODELS = ROOT / "models"
 NAME = "scan-gru-addjump"  # group verb4
@@ -66,7 +66,7 @@ async def test_equizero_over_http_translates_compositions_vanilla_never_saw() ->
     ("body", "status", "message"),
     [
         ({"commands": ["jump and fly"]}, 422, "unknown word 'fly' (word 3)"),
-        ({"commands": ["walk"] * 3}, 413, "EQUISERVE_MAX_COMMANDS"),
+        ({"commands": ["walk"] * 3}, 413, "EQUISERVE_TRANSLATE_MAX_COMMANDS"),
         ({"commands": ["jump twice and walk twice after run"]}, 422, "7 words; the limit is 6"),
         ({"commands": ["  "]}, 422, "command 0 is empty"),
         ({"commands": ["walk"], "method": "best"}, 422, "best"),
@@ -74,8 +74,11 @@ async def test_equizero_over_http_translates_compositions_vanilla_never_saw() ->
         ({"commands": "walk"}, 422, "commands"),
     ],
 )
-async def test_bad_requests_are_refused_with_what_was_wrong(body: dict, status: int, message: str) -> None:
-    settings = make_settings(MODELS, models=[NAME], max_commands=2, max_command_words=6)
+async def test_bad_requests_are_refused_with_what_was_wrong(
+    body: dict, status: int, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_limits(monkeypatch, "translate", max_commands=2, max_command_words=6)
+    settings = make_settings(MODELS, models=[NAME])
     async with serving(settings) as (client, _):
         response = await client.post(f"/v1/models/{NAME}/translate", json=body)
         assert response.status_code == status, response.text

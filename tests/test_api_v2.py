@@ -24,15 +24,15 @@ from tritonclient.utils import InferenceServerException
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
-from app.api.v2 import HEADER_LENGTH as HEADER
 from app.api.v2 import build_v2_router
-from app.engine.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
 from app.equivariance import Method
+from app.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
 from app.metrics import Metrics
+from app.oip import HEADER_LENGTH as HEADER
 from app.tasks.base import Timing
-from app.tasks.generate.messages import GenerateOutput, GenerateRequest, GenerationResult
+from app.tasks.generate.messages import GenerateOutput, GenerateRequest, TransformWeight, Usage
 from tests.apptools import free_port, make_settings, start_server, wait_ready
-from tests.conftest import TINY_LABELS, jpeg_bytes, png_bytes, write_tiny_model
+from tests.imagetools import TINY_LABELS, jpeg_bytes, png_bytes, write_tiny_model
 
 TRANSFORMS = ["identity", "rot90", "rot180", "rot270"]
 
@@ -42,7 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     models = tmp_path_factory.mktemp("v2-models")
     write_tiny_model(models)  # generate is checked with a stand-in engine: a language model would double the start
     port = free_port()
-    process = start_server(models, port, "--max-batch-size", "4", "--max-images", "4", "--no-warmup")
+    process = start_server(models, port, "--max-batch-size", "4", "--classify-max-images", "4", "--no-warmup")
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, process)
@@ -307,7 +307,7 @@ class StubEngine:
     def __init__(self, name: str, card: dict[str, Any], answer: Any) -> None:
         self.answer, self.ready, self.draining, self.requests = answer, True, False, []
         self.metrics = Metrics(4)
-        self.models = {name: SimpleNamespace(task=card["task"], card=lambda: card)}
+        self.models = {name: SimpleNamespace(task=card["task"], card=lambda: card, limits=None)}
 
     def model(self, name: str) -> Any:
         if name not in self.models:
@@ -382,12 +382,14 @@ async def test_zero_shot_models_take_labels() -> None:
 
 async def test_generate_text_input_to_text_output() -> None:
     swaps = ["identity", "swap:man<->woman"]
-    result = GenerationResult(
-        tokens=[], text=" a nurse", finish_reason="length", weights=[0.75, 0.25],
-        prompts=["The woman worked as ☕", "The man worked as ☕"], selected_transform=None,
-        lambda_entropy=0.56, frame="identity", prompt_tokens=4, seed=3, temperature=0.0, top_k=0, relaxed=False,
+    output = GenerateOutput(
+        model="tinylm", method=Method.LAMBDA, group="gender", relaxed=False, text=" a nurse", tokens=[],
+        finish_reason="length",
+        transforms=[TransformWeight("identity", 0.75, "The woman worked as ☕"),
+                    TransformWeight("swap:man<->woman", 0.25, "The man worked as ☕")],
+        selected_transform=None, lambda_entropy=0.56, frame="identity", seed=3, temperature=0.0, top_k=0,
+        usage=Usage(4, 0), timing=Timing(0, 0, 1),
     )  # fmt: skip
-    output = GenerateOutput("tinylm", Method.LAMBDA, "gender", swaps, False, 3, 0.0, 0, result, Timing(0, 0, 1))
     engine = StubEngine("tinylm", {"task": "generate", "transforms": swaps}, output)
     async with stub_client(engine) as client:
         meta = (await client.get("/v2/models/tinylm")).json()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.apptools import make_settings, serving
-from tests.conftest import png_bytes, write_tiny_clip
+from tests.apptools import make_settings, serving, set_limits
+from tests.imagetools import png_bytes, write_tiny_clip
 
 URL = "/v1/models/tinyclip/classify"
 
@@ -83,9 +83,10 @@ async def test_rotated_upload_same_zero_shot_answer(clip_dir: Path) -> None:
             assert all(abs(other[label] - scores[0][label]) < 1e-3 for label in labels)
 
 
-async def test_label_limits_and_errors(clip_dir: Path) -> None:
+async def test_label_limits_and_errors(clip_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_limits(monkeypatch, "classify", max_labels=4, max_label_chars=20)
     files = [("image", ("a.png", image(1), "image/png"))]
-    async with serving(make_settings(clip_dir, max_labels=4, max_label_chars=20)) as (client, _):
+    async with serving(make_settings(clip_dir)) as (client, _):
         r = await client.post(URL, files=files)
         assert r.status_code == 422 and "labels" in r.json()["error"]["message"]  # no default labels
         assert (await client.post(URL, files=files, data={"labels": list("abcde")})).status_code == 413

@@ -10,7 +10,7 @@ import torch
 from app.backbones.efficientnet import EfficientNetLite, load_reference_state_dict, packaged_weights_path
 from app.backbones.preprocess import pixels_from_uint8
 from app.equivariance import EquivariantModel, image_group
-from tests.conftest import photo
+from tests.imagetools import photo
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,10 @@ from app.backbones.onnx_cache import export_key, onnx_backbone
 from app.backbones.onnx_runtime import OnnxBackbone
 from app.backbones.torchvision_cnn import TorchvisionClassifier
 from app.config import Settings
-from app.engine.registry import ModelLoadError, load_model
+from app.repository import ModelLoadError
+from app.tasks import load_model
 from app.tasks.base import LoadOptions
-from tests.conftest import write_tiny_model
+from tests.imagetools import write_tiny_model
 
 SIZE = 32
 

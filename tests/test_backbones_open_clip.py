@@ -275,7 +275,7 @@ def test_known_hub_table_is_open_clips_and_checking_the_cache_imports_no_open_cl
     assert hf_hub_of("ViT-B-16", "openai") == get_pretrained_cfg("ViT-B-16", "openai")["hf_hub"]  # the fallback
     probe = (
         "import sys\n"
-        "from app.engine.registry import weights_are_local\n"
+        "from app.tasks import weights_are_local\n"
         "from pathlib import Path\n"
         "weights_are_local(Path('models'), 'clip-vit-b32-c4')\n"
         "print('open_clip' in sys.modules)\n"

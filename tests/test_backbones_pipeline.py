@@ -14,16 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
+from app.backbones import images as decode
 from app.backbones.compiled import BucketedEncoder, bucket_rows, pad_rows
 from app.backbones.preprocess import crop_uint8, pixels_from_uint8, resize_on_device
-from app.engine.errors import UndecodableImage
-from app.engine.registry import load_model
 from app.equivariance import Method
+from app.errors import UndecodableImage
+from app.tasks import load_model
 from app.tasks.base import LoadOptions
-from app.tasks.classify import decode
 from app.tasks.classify.messages import EncodedImage
 from app.tasks.classify.model import ClassifyModel, ImagePiece
-from tests.conftest import jpeg_bytes, photo, png_bytes, write_tiny_model
+from tests.imagetools import jpeg_bytes, photo, png_bytes, write_tiny_model
 
 MAX_PIXELS = 50_000_000
 

@@ -16,11 +16,12 @@ from app.backbones import onnx_cache, onnx_quant
 from app.backbones.onnx_quant import Calibration, calibration_id, calibration_images, float_nodes
 from app.backbones.onnx_runtime import OnnxBackbone
 from app.config import Settings
-from app.engine.registry import ModelLoadError, load_model
 from app.equivariance import Method
+from app.repository import ModelLoadError
+from app.tasks import load_model
 from app.tasks.base import LoadOptions
 from app.tasks.classify.model import ClassifyModel, ImageItem, SpeedOptions, _precision
-from tests.conftest import photo, write_tiny_model
+from tests.imagetools import photo, write_tiny_model
 
 
 def write_calibration(folder: Path, count: int = 6) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import write_tiny_model
+from tests.imagetools import write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

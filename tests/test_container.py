@@ -56,8 +56,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def image(request: pytest.FixtureRequest) -> str:
     """The image scripts/build-image made; tests/conftest.py started the build with the session."""
-    from conftest import IMAGE_BUILD
-    from imagebuild import start_build
+    from imagebuild import IMAGE_BUILD, start_build
 
     build = request.config.stash.get(IMAGE_BUILD, None) or start_build()
     code, output = build.wait(BUILD_TIMEOUT_S)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.batch_sizing import candidate_sizes, cheapest_per_item, fastest_batch_size
 from app.engine.engine import Engine
+from app.runtime.batch_sizing import candidate_sizes, cheapest_per_item, fastest_batch_size
 from app.tasks.classify.model import ClassifyModel
 from tests.apptools import make_settings
-from tests.conftest import write_tiny_model
+from tests.imagetools import write_tiny_model
 
 
 def cache_cliff(size: int) -> float:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from app.engine.batcher import DynamicBatcher
-from app.engine.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 
 
 class Recorder:

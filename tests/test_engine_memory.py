@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 
 from app.engine import engine as engine_module
-from app.engine.memory import trim_supported
+from app.runtime.memory import trim_supported
 from tests.apptools import make_settings, serving
-from tests.conftest import png_bytes
+from tests.imagetools import png_bytes
 
 pytestmark = pytest.mark.skipif(not trim_supported(), reason="malloc_trim is glibc's; nothing to test elsewhere")
 
 FRAGMENTED_HEAP = textwrap.dedent(
     """
     import os
-    from app.engine.memory import release_free_memory
+    from app.runtime.memory import release_free_memory
 
     def rss_kib():
         with open("/proc/self/status") as f:

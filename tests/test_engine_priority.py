@@ -12,7 +12,7 @@ import pytest
 
 from app.engine.priority import lower_this_thread
 from tests.apptools import make_settings, serving
-from tests.conftest import png_bytes
+from tests.imagetools import png_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 

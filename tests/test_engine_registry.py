@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 
 from app.config import DEFAULT_MODELS_DIR, Settings
 from app.engine.engine import Engine
-from app.engine.registry import ModelLoadError, list_models, load_model, model_dir, resolve_device, resolve_dtype
-from tests.conftest import TINY_LABELS, write_tiny_model
+from app.repository import ModelLoadError, list_models, model_dir, resolve_device, resolve_dtype
+from app.tasks import load_model
+from tests.imagetools import TINY_LABELS, write_tiny_model
 
 
 def test_shipped_repository_lists_and_validates() -> None:

@@ -13,7 +13,7 @@ import app.equivariance
 from app.equivariance import Method, ZeroLoss, combine, equizero_loss, lambda_entropy
 
 # The method names, the HTTP layer and the command lines: none of them may load torch.
-TORCH_FREE = ["app.equivariance", "app.api.routes", "app.api.v2", "app.server", "app.cli", "app.training.dqn_cli"]
+TORCH_FREE = ["app.equivariance", "app.api.routes", "app.api.v2", "app.server", "app.cli", "app.tasks.act.cli"]
 PROBE = f"""
 import sys
 for name in {TORCH_FREE!r}:

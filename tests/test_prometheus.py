@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from tests.apptools import free_port, start_server, wait_ready
-from tests.conftest import png_bytes
+from tests.imagetools import png_bytes
 from tests.test_deploy_configs import _VARIABLE, DASHBOARD, PROMETHEUS_YML, expressions
 
 pytestmark = pytest.mark.slow

@@ -33,7 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 from app.config import Settings
 from app.ray_serve import NODE_TARGETS, REPLICA_TARGETS, ProxyAnswers, deployment_options, replica_settings
 from tests.apptools import ROOT, ServerProcess, free_port, start_server, wait_ready
-from tests.conftest import png_bytes, write_tiny_model
+from tests.imagetools import png_bytes, write_tiny_model
 
 BENCH = ROOT / "bench"
 if str(BENCH) not in sys.path:

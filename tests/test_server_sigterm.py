@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.apptools import ServerProcess, free_port, start_server, wait_ready
-from tests.conftest import png_bytes
+from tests.imagetools import png_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import torch
 
 from app.server import create_app
 from tests.apptools import make_settings, serving
-from tests.conftest import write_tiny_model
+from tests.imagetools import write_tiny_model
 from tests.texttools import one_thread, write_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.registry import load_model
 from app.equivariance import Method
 from app.equivariance.text import CombineSpace
-from app.tasks.generate.decoding import GenerationRequest, TextRunner
+from app.tasks import load_model
+from app.tasks.generate.decoding import Decoder, GenerationRequest
 from app.tasks.generate.model import GenerateModel
 from tests.texttools import one_thread, write_tiny_lm
 
@@ -33,8 +33,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> GenerateModel:
 
 
 @pytest.fixture(scope="module")
-def runner(model: GenerateModel) -> TextRunner:
-    return TextRunner(model)
+def runner(model: GenerateModel) -> Decoder:
+    return Decoder(model)
 
 
 def encode(model: GenerateModel, text: str) -> list[int]:
@@ -45,7 +45,7 @@ def swapped(model: GenerateModel, ids: list[int], element: int) -> list[int]:
     return model.group.act(torch.tensor(ids), element).tolist()
 
 
-def gap(runner: TextRunner, method: Method, prompts: list[list[int]], element: int, relaxed: bool = False) -> float:
+def gap(runner: Decoder, method: Method, prompts: list[list[int]], element: int, relaxed: bool = False) -> float:
     """max |p(·|σ t) - σ·p(·|t)| over prompts and tokens."""
     group = runner.group
     p = runner.distributions(prompts, method, relaxed).exp()
@@ -58,7 +58,7 @@ def gap(runner: TextRunner, method: Method, prompts: list[list[int]], element: i
 @pytest.mark.parametrize("space", list(CombineSpace))
 @pytest.mark.parametrize("method", EQUIVARIANT)
 def test_next_token_distribution_is_equivariant_to_every_swap(
-    model: GenerateModel, runner: TextRunner, method: Method, space: CombineSpace
+    model: GenerateModel, runner: Decoder, method: Method, space: CombineSpace
 ) -> None:
     runner.space = space
     try:
@@ -69,14 +69,14 @@ def test_next_token_distribution_is_equivariant_to_every_swap(
         runner.space = model.text_group.combine
 
 
-def test_vanilla_and_r_equilm_are_not_equivariant(model: GenerateModel, runner: TextRunner) -> None:
+def test_vanilla_and_r_equilm_are_not_equivariant(model: GenerateModel, runner: Decoder) -> None:
     prompts = [encode(model, t) for t in PROMPTS]
     gender = model.group.axis_element("gender")
     assert gap(runner, Method.VANILLA, prompts, gender) > 1e-3
     assert gap(runner, Method.EQUITUNE, prompts, gender, relaxed=True) > 1e-5  # R-EquiLM trades exactness
 
 
-def test_fused_pass_equals_an_unfused_reference(model: GenerateModel, runner: TextRunner) -> None:
+def test_fused_pass_equals_an_unfused_reference(model: GenerateModel, runner: Decoder) -> None:
     """One HF forward per copy, per-copy alignment by index, the formulas written out."""
     group, lm = model.group, model.lm
     prompt = encode(model, "The Black woman said he was gay")
@@ -108,7 +108,7 @@ def test_fused_pass_equals_an_unfused_reference(model: GenerateModel, runner: Te
     assert torch.allclose(runner.distributions([prompt], Method.EQUIZERO)[0], aligned[best], atol=1e-5)
 
 
-def test_r_equilm_takes_general_words_from_the_identity_copy(model: GenerateModel, runner: TextRunner) -> None:
+def test_r_equilm_takes_general_words_from_the_identity_copy(model: GenerateModel, runner: Decoder) -> None:
     prompt = [encode(model, "The man worked as")]
     relaxed = runner.distributions(prompt, Method.EQUITUNE, relaxed=True)[0]
     vanilla = runner.distributions(prompt, Method.VANILLA)[0]
@@ -136,7 +136,7 @@ def requests(model: GenerateModel, **overrides) -> list[GenerationRequest]:
     ]
 
 
-def test_batched_decoding_equals_one_at_a_time(model: GenerateModel, runner: TextRunner) -> None:
+def test_batched_decoding_equals_one_at_a_time(model: GenerateModel, runner: Decoder) -> None:
     together = runner(requests(model))
     for request, result in zip(requests(model), together, strict=True):
         (alone,) = runner([request])
@@ -150,7 +150,7 @@ def test_batched_decoding_equals_one_at_a_time(model: GenerateModel, runner: Tex
 @pytest.mark.parametrize(("temperature", "top_k"), [(0.0, 0), (1.0, 0), (1.3, 7)])
 @pytest.mark.parametrize("method", EQUIVARIANT)
 def test_a_swapped_prompt_generates_the_swapped_text(
-    model: GenerateModel, runner: TextRunner, method: Method, temperature: float, top_k: int
+    model: GenerateModel, runner: Decoder, method: Method, temperature: float, top_k: int
 ) -> None:
     """Greedy and seeded sampling; prompts on which the group acts freely or not. All pairs
     go in one batch (batched = one-at-a-time is tested above)."""
@@ -173,14 +173,14 @@ def test_a_swapped_prompt_generates_the_swapped_text(
         assert [t.logprob for t in b.tokens] == pytest.approx([t.logprob for t in a.tokens], abs=1e-5)
 
 
-def test_vanilla_swapped_prompts_differ(model: GenerateModel, runner: TextRunner) -> None:
+def test_vanilla_swapped_prompts_differ(model: GenerateModel, runner: Decoder) -> None:
     prompt = encode(model, "The man worked as")
     other = swapped(model, prompt, model.group.axis_element("gender"))
     a, b = runner([GenerationRequest(p, 8, Method.VANILLA) for p in (prompt, other)])
     assert swapped(model, prompt + [t.id for t in a.tokens], 1)[len(prompt) :] != [t.id for t in b.tokens]
 
 
-def test_diagnostics_weights_and_frames(model: GenerateModel, runner: TextRunner) -> None:
+def test_diagnostics_weights_and_frames(model: GenerateModel, runner: Decoder) -> None:
     results = runner(requests(model))
     n = model.group.order
     for request, result in zip(requests(model), results, strict=True):
@@ -201,7 +201,7 @@ def test_diagnostics_weights_and_frames(model: GenerateModel, runner: TextRunner
     assert alone.weights == [1.0] + [0.0] * (n - 1)
 
 
-def test_stop_at_eos_cancel_and_stream_events(model: GenerateModel, runner: TextRunner) -> None:
+def test_stop_at_eos_cancel_and_stream_events(model: GenerateModel, runner: Decoder) -> None:
     request = requests(model)[0]
     (greedy,) = runner([request])
     lm = model.lm
@@ -239,7 +239,7 @@ def test_group_of_the_loaded_model_uses_the_tokenizer(model: GenerateModel) -> N
 
 
 def test_a_multi_token_word_stops_loading_with_its_name(tmp_path: Path) -> None:
-    from app.engine.registry import ModelLoadError
+    from app.repository import ModelLoadError
 
     write_tiny_lm(tmp_path, group="gender", text_group={"sets": {"gender": [["man", "sheriffdom"]]}})
     with pytest.raises(ModelLoadError, match=r"sheriffdom.*split into several tokens"):
@@ -266,5 +266,5 @@ def test_a_hugging_face_model_folder_loads_through_the_model_id_path(model: Gene
     assert loaded.lm.name == "from-folder" and loaded.group.names == model.group.names
     prompts = [encode(model, t) for t in PROMPTS]
     assert loaded.lm.encode(PROMPTS[0]) == prompts[0]
-    ours = TextRunner(loaded).distributions(prompts, Method.EQUITUNE)
-    assert torch.allclose(ours, TextRunner(model).distributions(prompts, Method.EQUITUNE), atol=1e-5)
+    ours = Decoder(loaded).distributions(prompts, Method.EQUITUNE)
+    assert torch.allclose(ours, Decoder(model).distributions(prompts, Method.EQUITUNE), atol=1e-5)

@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from app.cli import main
-from app.engine.registry import load_model
-from app.training.text_fairness import evaluate_fairness, markdown, total_variation, write_report
-from app.training.text_lambda import load_cache, train_text_lambda
+from app.tasks import load_model
+from app.tasks.generate.fairness import evaluate_fairness, markdown, total_variation, write_report
+from app.tasks.generate.training import load_cache, train_text_lambda
 from tests.texttools import one_thread, write_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,12 +14,12 @@ import torch
 import yaml
 from PIL import Image
 
+from app.backbones.datasets import fashion_mnist
 from app.cli import main
-from app.engine.registry import load_model
 from app.equivariance import EquivariantModel, Method, image_group
-from app.training.data import fashion_mnist
-from app.training.pipeline import TrainJob, train_job
-from app.training.trainer import TrainConfig
+from app.tasks import load_model
+from app.tasks.classify.training.pipeline import TrainJob, train_job
+from app.tasks.classify.training.trainer import TrainConfig
 
 TINY = {"pretrained": False, "input_size": 32}
 

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.backbones.datasets import FASHION_MNIST_CLASSES, fashion_mnist, image_folder, load_splits, load_test
+from app.backbones.images import decode_image
 from app.backbones.preprocess import pixels_from_uint8
-from app.tasks.classify.decode import decode_image
-from app.training.data import FASHION_MNIST_CLASSES, fashion_mnist, image_folder, load_splits, load_test
-from tests.conftest import png_bytes
+from tests.imagetools import png_bytes
 
 
 def test_fashion_mnist_files() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.equivariance import image_group
-from app.training.evaluate import evaluate_outputs, random_elements
+from app.tasks.classify.training.evaluate import evaluate_outputs, random_elements
 
 
 def test_accuracy_table_by_hand() -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app.backbones.datasets import ImageSet, fashion_mnist
 from app.backbones.efficientnet import EfficientNetLite
 from app.equivariance import EquivariantModel, image_group
-from app.training.data import ImageSet, fashion_mnist
-from app.training.features import FeatureCache, extract_features, transformed, use_fast_cpu_layout
+from app.tasks.classify.training.features import FeatureCache, extract_features, transformed, use_fast_cpu_layout
 
 
 @functools.cache

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from app.backbones.datasets import FASHION_MNIST_CLASSES, fashion_mnist
 from app.backbones.preprocess import pixels_from_uint8
 from app.config import DEFAULT_MODELS_DIR
-from app.engine.registry import load_model
-from app.training.data import FASHION_MNIST_CLASSES, fashion_mnist
-from app.training.features import use_fast_cpu_layout
+from app.tasks import load_model
+from app.tasks.classify.training.features import use_fast_cpu_layout
 
 pytestmark = pytest.mark.slow  # real ImageNet weights
 

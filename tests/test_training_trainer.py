@@ -8,11 +8,11 @@ import functools
 import pytest
 import torch
 
+from app.backbones.datasets import ImageSet, load_splits
 from app.backbones.efficientnet import EfficientNetLite
 from app.equivariance import EquivariantModel, LambdaNet, Method, ZeroLoss, image_group
-from app.training.data import ImageSet, load_splits
-from app.training.features import CopyFeatures, extract_features, use_fast_cpu_layout
-from app.training.trainer import (
+from app.tasks.classify.training.features import CopyFeatures, extract_features, use_fast_cpu_layout
+from app.tasks.classify.training.trainer import (
     TrainConfig,
     objective_loss,
     train_end_to_end,

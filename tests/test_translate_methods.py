@@ -12,7 +12,7 @@ from app.equivariance.lambda_net import LambdaNet
 from app.equivariance.methods import Method, Mixture, ZeroLoss
 from app.equivariance.sequence import Decoded, SequenceGroup, canonicalize, stabilizer
 from app.tasks.translate.groups import scan_group
-from app.tasks.translate.runner import decode_commands
+from app.tasks.translate.model import decode_commands
 from app.tasks.translate.scan import all_pairs
 from app.tasks.translate.seq2seq import Seq2Seq
 from app.tasks.translate.vocab import ACTION_EOS, ACTION_SOS, COMMANDS

@@ -11,15 +11,15 @@ import yaml
 from pydantic import ValidationError
 
 from app.config import DEFAULT_MODELS_DIR
-from app.engine.errors import InvalidInput, TooLarge
 from app.equivariance import Method
+from app.errors import InvalidInput, TooLarge
 from app.tasks.base import LoadOptions, Timing
 from app.tasks.translate.groups import scan_group
 from app.tasks.translate.messages import TranslateRequest
-from app.tasks.translate.model import TranslateModel
-from app.tasks.translate.runner import DEFAULT_MAX_COMMANDS, TranslateRunner
+from app.tasks.translate.model import DEFAULT_MAX_COMMANDS, TranslateModel
 from app.tasks.translate.scan import split
 from app.tasks.translate.spec import TranslateSpec
+from tests.apptools import with_limits
 from tests.translatetools import one_thread, write_tiny_translate_model  # noqa: F401 - one_thread is a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,12 +30,12 @@ def read_spec(folder: Path) -> TranslateSpec:
     return TranslateSpec.model_validate({**yaml.safe_load((folder / "model.yaml").read_text()), "name": folder.name})
 
 
-def load_runner(folder: Path) -> TranslateRunner:
-    return TranslateRunner.load(folder, read_spec(folder), torch.device("cpu"))
+def load_runner(folder: Path) -> TranslateModel:
+    return TranslateModel.load(folder, read_spec(folder), LoadOptions(device="cpu"))
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> TranslateRunner:
+def runner(tmp_path_factory: pytest.TempPathFactory) -> TranslateModel:
     return load_runner(write_tiny_translate_model(tmp_path_factory.mktemp("scan-models")))
 
 
@@ -44,7 +44,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> TranslateRunner:
     [
         ([], InvalidInput, "at least one command"),
         ("jump twice", InvalidInput, "at least one command"),
-        (["jump"] * 65, TooLarge, "EQUISERVE_MAX_COMMANDS"),
+        (["jump"] * 65, TooLarge, "EQUISERVE_TRANSLATE_MAX_COMMANDS"),
         (["jump", 3], InvalidInput, "command 1 is not a string"),
         (["jump", "   "], InvalidInput, "command 1 is empty"),
         (
@@ -56,26 +56,29 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> TranslateRunner:
         (["Jump"], InvalidInput, "unknown word 'Jump'"),
     ],
 )
-def test_bad_requests_name_the_problem(runner: TranslateRunner, commands: object, error: type, message: str) -> None:
+def test_bad_requests_name_the_problem(runner: TranslateModel, commands: object, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
-        runner.prepare(TranslateRequest(commands))  # type: ignore[arg-type]
+        runner.split(TranslateRequest(commands))  # type: ignore[arg-type]
 
 
-def test_limits_and_methods_come_from_the_caller_and_the_spec(runner: TranslateRunner) -> None:
+def test_limits_and_methods_come_from_the_caller_and_the_spec(runner: TranslateModel) -> None:
     with pytest.raises(TooLarge, match="limit is 2"):
-        runner.prepare(TranslateRequest(["jump"] * 3), max_commands=2)
-    assert runner.prepare(TranslateRequest(["jump  twice "] * 3), max_command_words=2)[0].command == "jump twice"
+        with_limits(runner, max_commands=2).split(TranslateRequest(["jump"] * 3))
+    assert (
+        with_limits(runner, max_command_words=2).split(TranslateRequest(["jump  twice "] * 3))[0].command
+        == "jump twice"
+    )
     with pytest.raises(InvalidInput, match="method 'best' is not served"):
-        runner.prepare(TranslateRequest(["jump"], method="best"))
-    assert {i.method for i in runner.prepare(TranslateRequest(["jump"]))} == {Method.EQUIZERO}  # the default
+        runner.split(TranslateRequest(["jump"], method="best"))
+    assert {i.method for i in runner.split(TranslateRequest(["jump"]))} == {Method.EQUIZERO}  # the default
 
 
-def test_a_mixed_batch_answers_each_command_with_its_diagnostics(runner: TranslateRunner) -> None:
+def test_a_mixed_batch_answers_each_command_with_its_diagnostics(runner: TranslateModel) -> None:
     group = runner.group
     items = [
         item
         for method in ("vanilla", "equitune", "equizero", "lambda")
-        for item in runner.prepare(TranslateRequest(["jump twice after walk left", "turn right"], method))
+        for item in runner.split(TranslateRequest(["jump twice after walk left", "turn right"], method))
     ]
     results = runner(items)
     for item, result in zip(items, results, strict=True):
@@ -94,16 +97,16 @@ def test_a_mixed_batch_answers_each_command_with_its_diagnostics(runner: Transla
             chosen = next(t for t in result.transforms if t.name == result.selected_transform)
             assert chosen.actions == result.actions
     # the swapped command's answer is the swapped answer (verb4: jump -> run -> walk -> look)
-    swapped = runner(runner.prepare(TranslateRequest(["run twice after look left"], "lambda")))[0]
+    swapped = runner(runner.split(TranslateRequest(["run twice after look left"], "lambda")))[0]
     original = next(r for i, r in zip(items, results, strict=True) if i.method is Method.LAMBDA)
     assert not isinstance(swapped, BaseException) and not isinstance(original, BaseException)
     translate = {"I_JUMP": "I_RUN", "I_RUN": "I_WALK", "I_WALK": "I_LOOK", "I_LOOK": "I_JUMP"}
     assert swapped.actions == " ".join(translate.get(a, a) for a in original.actions.split())
 
 
-def test_respond_and_card(runner: TranslateRunner) -> None:
+def test_respond_and_card(runner: TranslateModel) -> None:
     request = TranslateRequest(["jump"], "equitune")
-    results = runner(runner.prepare(request))
+    results = runner(runner.split(request))
     output = runner.respond(request, results, Timing(0.0, 0.01, 1))  # type: ignore[arg-type]
     assert (output.model, output.method, output.group) == ("tiny-scan", Method.EQUITUNE, "verb4")
     assert output.results == results
@@ -113,8 +116,8 @@ def test_respond_and_card(runner: TranslateRunner) -> None:
     runner.warmup(5)
 
 
-def test_a_batch_that_fails_fails_each_of_its_items(runner: TranslateRunner, monkeypatch: pytest.MonkeyPatch) -> None:
-    items = runner.prepare(TranslateRequest(["jump", "walk"]))
+def test_a_batch_that_fails_fails_each_of_its_items(runner: TranslateModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = runner.split(TranslateRequest(["jump", "walk"]))
 
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("boom")
@@ -142,7 +145,7 @@ def test_bad_entries_are_refused(tmp_path: Path, change: dict, message: str) -> 
 
 
 def test_weights_that_do_not_fit_fail_with_the_file_named(tmp_path: Path) -> None:
-    from app.engine.registry import ModelLoadError
+    from app.repository import ModelLoadError
 
     folder = write_tiny_translate_model(tmp_path, cell="lstm")
     spec = yaml.safe_load((folder / "model.yaml").read_text())
@@ -158,7 +161,7 @@ def test_weights_that_do_not_fit_fail_with_the_file_named(tmp_path: Path) -> Non
 def test_uniform_lambda_without_a_trained_net(tmp_path: Path) -> None:
     runner = load_runner(write_tiny_translate_model(tmp_path, trained_lambda=False))
     assert not runner.lambda_trained
-    result = runner(runner.prepare(TranslateRequest(["jump twice"], "lambda")))[0]
+    result = runner(runner.split(TranslateRequest(["jump twice"], "lambda")))[0]
     assert not isinstance(result, BaseException)
     assert [t.weight for t in result.transforms] == pytest.approx([0.25] * 4)
 
@@ -190,7 +193,7 @@ async def test_served_through_the_engine(tmp_path: Path) -> None:
 def test_shipped_models_translate_known_commands_and_their_method_generalizes(name: str) -> None:
     """Each shipped model on a sample: its held-out (in-distribution) commands right with vanilla; on the
     test split vanilla near 0 and the entry's default method far above it (bench/results/scan_table.md)."""
-    from app.training.scan import held_out_split
+    from app.tasks.translate.training import held_out_split
 
     runner = load_runner(DEFAULT_MODELS_DIR / name)
     split_name = runner.spec.split or "add_jump"
@@ -198,7 +201,7 @@ def test_shipped_models_translate_known_commands_and_their_method_generalizes(na
     test = sorted(split(split_name).test)[::100][:64]
 
     def accuracy(pairs: list[tuple[str, str]], method: str) -> float:
-        results = runner(runner.prepare(TranslateRequest([c for c, _ in pairs], method)))
+        results = runner(runner.split(TranslateRequest([c for c, _ in pairs], method)))
         return sum(
             not isinstance(r, BaseException) and r.actions == a for r, (_, a) in zip(results, pairs, strict=True)
         ) / len(pairs)
@@ -215,7 +218,7 @@ def test_shipped_models_translate_short_commands(name: str) -> None:
     with vanilla, and the short test commands whose copies include a training command (Add Jump's
     ``jump twice``: ``walk twice``) right with the entry's default method."""
     from app.tasks.translate.groups import command_copies
-    from app.training.scan import SHORT_WORDS, held_out_split
+    from app.tasks.translate.training import SHORT_WORDS, held_out_split
 
     runner = load_runner(DEFAULT_MODELS_DIR / name)
     split_name = runner.spec.split or "add_jump"
@@ -232,7 +235,7 @@ def test_shipped_models_translate_short_commands(name: str) -> None:
     def wrong(pairs: list[tuple[str, str]], method: str) -> list[str]:
         step = DEFAULT_MAX_COMMANDS  # a request's limit
         chunks = [pairs[i : i + step] for i in range(0, len(pairs), step)]
-        results = [r for c in chunks for r in runner(runner.prepare(TranslateRequest([x for x, _ in c], method)))]
+        results = [r for c in chunks for r in runner(runner.split(TranslateRequest([x for x, _ in c], method)))]
         return [c for r, (c, a) in zip(results, pairs, strict=True) if isinstance(r, BaseException) or r.actions != a]
 
     assert len(wrong(short_train, "vanilla")) <= 0.05 * len(short_train), wrong(short_train, "vanilla")

@@ -11,12 +11,11 @@ import yaml
 
 from app.equivariance import Method
 from app.equivariance.sequence import teacher_forced_copies
+from app.tasks.translate import cli as scan_cli
 from app.tasks.translate.groups import scan_group
 from app.tasks.translate.messages import TranslateRequest
 from app.tasks.translate.scan import split
-from app.tasks.translate.vocab import ACTION_EOS, ACTION_PAD, ACTION_SOS
-from app.training import scan_cli
-from app.training.scan import (
+from app.tasks.translate.training import (
     FinetuneConfig,
     PretrainConfig,
     encode_pairs,
@@ -27,6 +26,7 @@ from app.training.scan import (
     pretrain,
     uniform_lambda_net,
 )
+from app.tasks.translate.vocab import ACTION_EOS, ACTION_PAD, ACTION_SOS
 from tests.test_translate_runner import load_runner
 from tests.translatetools import one_thread, tiny_seq2seq  # noqa: F401 - one_thread is a fixture
 
@@ -114,7 +114,7 @@ def test_train_scan_writes_entries_the_runner_serves(tmp_path: Path) -> None:
     for name, group in (("scan-gru-addjump", "verb4"), ("scan-gru-addjump-verb", "verb")):
         runner = load_runner(tmp_path / name)
         assert runner.spec.group == group and runner.lambda_trained
-        result = runner(runner.prepare(TranslateRequest(["jump twice"], "lambda")))[0]
+        result = runner(runner.split(TranslateRequest(["jump twice"], "lambda")))[0]
         assert not isinstance(result, BaseException)
 
 

@@ -80,9 +80,9 @@ else:
     import httpx
     import torch
     import uvicorn
-    from conftest import photo, png_bytes, write_tiny_clip, write_tiny_model
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
+    from imagetools import photo, png_bytes, write_tiny_clip, write_tiny_model
     from PIL import Image
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

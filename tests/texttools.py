@@ -97,7 +97,7 @@ def write_tiny_lm(
         "group": group,
         "default_method": "equitune",
         "text_group": {"sets": TINY_SETS, **(text_group or {})},
-        "generation": {
+        "limits": {
             "max_new_tokens": 16,
             "default_max_new_tokens": 4,
             "max_prompt_tokens": 64,

@@ -12,7 +12,6 @@ from fastapi import Request
 
 from app.config import Settings
 from app.engine.engine import Engine
-from app.tasks.base import Timing
 
 from .errors import ClientDisconnected, Unauthorized
 from .schemas import ErrorBody
@@ -39,24 +38,6 @@ async def require_api_key(request: Request) -> None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
-
-
-def inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
-    """Replace ``$ref``s into the schema's own ``$defs`` by their content: a request body
-    schema in ``openapi_extra`` cannot point into ``components`` that nothing registers."""
-    definitions = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/$defs/"):
-                return resolve(definitions[ref.removeprefix("#/$defs/")])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(item) for item in node]
-        return node
-
-    return resolve(schema)
 
 
 def error_responses(**descriptions: str) -> dict[int | str, dict[str, Any]]:
@@ -108,24 +89,3 @@ async def until_disconnected(request: Request, work: Callable[[Callable[[], Awai
         task.cancel()
         raise ClientDisconnected("the client disconnected before its answer was ready")
     return task.result()
-
-
-def timing_body(timing: Timing) -> dict[str, Any]:
-    return {
-        "queue_ms": timing.queue_s * 1000,
-        "inference_ms": timing.inference_s * 1000,
-        "batch_size": timing.batch_size,
-    }
-
-
-async def infer_parsed(request: Request, name: str, task: str, payload: Any) -> Any:
-    """``engine.infer`` for a body FastAPI has already read and validated (JSON routes), given up
-    when the client disconnects before its answer is ready."""
-    engine = engine_of(request)
-
-    async def read() -> Any:
-        return payload
-
-    return await until_disconnected(
-        request, lambda read: engine.infer(name, task, read, request_id=request.state.request_id), read
-    )

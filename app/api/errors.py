@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.engine.errors import EngineError, QueueFull
+from app.errors import EngineError, QueueFull
+from app.tasks.http import validation_message
 
 from .middleware import BodyTooLarge
 
@@ -28,6 +29,8 @@ STATUS: dict[str, int] = {
     "not_ready": 503,
     "deadline_exceeded": 504,
     "inference_failed": 500,
+    "malformed_body": 400,
+    "invalid_tensor": 400,
 }
 
 
@@ -46,25 +49,12 @@ class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
 
 
-class MalformedBody(ApiError):
-    status, code = 400, "malformed_body"
-
-
-class UnsupportedBody(ApiError):
-    status, code = 415, "unsupported_media_type"
-
-
 class ClientDisconnected(ApiError):
     status, code = 499, "client_closed_request"  # nginx's "client closed request"
 
 
 def status_of(exc: EngineError) -> int:
     return STATUS.get(exc.code, 500)
-
-
-def validation_message(errors: list) -> str:
-    """The first few pydantic errors as one line: ``field: message; ...``."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in list(errors)[:5])
 
 
 def error_response(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:

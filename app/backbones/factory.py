@@ -1,4 +1,4 @@
-"""One registry of backbone families: which task each serves, and how to build image ones."""
+"""The image backbone families and how to build them (the tasks say which families they take)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,8 @@ from typing import Any
 
 from .base import ImageBackbone
 
-# family -> the task whose models it backs
-FAMILIES: dict[str, str] = {
-    "efficientnet_lite": "classify",
-    "torchvision": "classify",
-    "open_clip": "classify",
-    "onnx": "classify",
-    "causal_lm": "generate",
-    "mlp": "act",  # app.tasks.act.qnet.QNet
-    "seq2seq": "translate",  # app.tasks.translate.seq2seq.Seq2Seq
-}
-
-
-def families_for(task: str) -> list[str]:
-    return [family for family, served in FAMILIES.items() if served == task]
+# What create_backbone builds; other families (causal_lm, a task's own networks) are their task's.
+IMAGE_FAMILIES: tuple[str, ...] = ("efficientnet_lite", "torchvision", "open_clip", "onnx")
 
 
 def create_backbone(family: str, **options: Any) -> ImageBackbone:
@@ -40,7 +28,7 @@ def create_backbone(family: str, **options: Any) -> ImageBackbone:
         from .onnx_runtime import OnnxBackbone
 
         return OnnxBackbone(**options)
-    raise ValueError(f"unknown image backbone family {family!r}; choose from {families_for('classify')}")
+    raise ValueError(f"unknown image backbone family {family!r}; choose from {list(IMAGE_FAMILIES)}")
 
 
 def weights_are_local(family: str, **options: Any) -> bool:

@@ -67,7 +67,7 @@ def _random_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> li
 def photo_set() -> list[tuple[str, np.ndarray]]:
     """The photos ``photos`` calibrates on: the web examples (always shipped) and scikit-image's
     sample photos (when installed), decoded by the server's decoder."""
-    from app.tasks.classify.decode import decode_image
+    from app.backbones.images import decode_image
 
     photos = [
         (path.stem, decode_image(path.read_bytes(), max_pixels=50_000_000))
@@ -92,13 +92,13 @@ def calibration_images(source: str, *, count: int | None = None, seed: int = 0) 
     if source == "photos":
         images = [crop for _, photo in photo_set() for crop in _random_crops(photo, CROPS_PER_PHOTO, rng)]
     elif source == "fashion-mnist":
-        from app.training.data import fashion_mnist
+        from app.backbones.datasets import fashion_mnist
 
         data = fashion_mnist("train")
         n = count or DEFAULT_CALIBRATION_COUNT["fashion-mnist"]
         images = [data.rgb(int(i)) for i in rng.choice(len(data), size=min(n, len(data)), replace=False)]
     else:
-        from app.tasks.classify.decode import decode_image
+        from app.backbones.images import decode_image
 
         images = [decode_image(path.read_bytes(), max_pixels=50_000_000) for path in folder_files(source)]
     if count is not None:
@@ -109,7 +109,7 @@ def calibration_images(source: str, *, count: int | None = None, seed: int = 0) 
 
 
 def folder_files(source: str | Path) -> list[Path]:
-    from app.training.data import IMAGE_SUFFIXES
+    from app.backbones.datasets import IMAGE_SUFFIXES
 
     folder = Path(source)
     if not folder.is_dir():

@@ -29,7 +29,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+
 from .priority import lower_this_thread
 
 T = TypeVar("T")

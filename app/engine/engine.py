@@ -31,15 +31,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.config import Settings
+from app.errors import (
+    DeadlineExceeded,
+    EngineError,
+    InferenceFailed,
+    ModelLoadError,
+    ModelNotFound,
+    NotReady,
+    QueueFull,
+)
 from app.metrics import Metrics
-from app.tasks import task_class
+from app.repository import list_models, model_dir
+from app.runtime.memory import release_free_memory
+from app.tasks import load_model, read_spec, task_class
 from app.tasks.base import LoadOptions, ServedModel, Timing
 
 from .batcher import Arrival, BatchInfo, DynamicBatcher
-from .errors import DeadlineExceeded, EngineError, InferenceFailed, ModelNotFound, NotReady, QueueFull
-from .memory import release_free_memory
 from .priority import lower_this_thread
-from .registry import ModelLoadError, list_models, load_model, model_dir, read_spec
 
 log = logging.getLogger("equiserve.engine")
 
@@ -150,7 +158,7 @@ class Engine:
         return release_free_memory()
 
     async def _release_memory_when_idle(self) -> None:
-        """Once traffic stops, hand the memory it freed back to the OS (see app.engine.memory).
+        """Once traffic stops, hand the memory it freed back to the OS (see app.runtime.memory).
 
         Checked every ``memory_trim_idle_s``: releases once per quiet spell that followed work,
         i.e. when no batch ran during a whole interval and nothing is in flight. (Being idle
@@ -283,7 +291,7 @@ class Engine:
     ) -> tuple[Any, list[asyncio.Future], list[Any]]:
         if callable(request):
             request = await request()
-        pieces = model.split(request, self.settings)
+        pieces = model.split(request)
         self._admit(batcher, len(pieces), arrival)  # shed before preparing
         if model.prepare_in_pool:
             loop = asyncio.get_running_loop()
@@ -334,15 +342,16 @@ class Engine:
             log.exception("request %s failed on %s", request_id, model.name)
             raise InferenceFailed(f"inference failed on model {model.name!r}: {type(exc).__name__}") from exc
         results = [result for result, _ in answers]
-        for result in results:
-            if result.lambda_entropy is not None:
-                self.metrics.lambda_entropy.labels(model.name).observe(result.lambda_entropy)
-            if result.selected_transform is not None:
-                self.metrics.selected_transform.labels(model.name, result.selected_transform).inc()
+        for result in results:  # the diagnostics a task's results carry (app.tasks.base.Diagnosed)
+            entropy, selected = getattr(result, "lambda_entropy", None), getattr(result, "selected_transform", None)
+            if entropy is not None:
+                self.metrics.lambda_entropy.labels(model.name).observe(entropy)
+            if selected is not None:
+                self.metrics.selected_transform.labels(model.name, selected).inc()
         infos = [info for _, info in answers]
         timing = Timing(
-            queue_s=max(i.queue_s for i in infos),
-            inference_s=max(i.inference_s for i in infos),
+            queue_ms=max(i.queue_s for i in infos) * 1000,
+            inference_ms=max(i.inference_s for i in infos) * 1000,
             batch_size=max(i.batch_size for i in infos),
         )
         return model.respond(request, results, timing)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .choices import METHOD_NAMES, Method, ZeroLoss
 
 if TYPE_CHECKING:
+    from .batches import group_rows, per_group
     from .groups import IMAGE_GROUPS, FiniteGroup, GroupElement, ImageGroup, PermutationGroup, image_group
     from .lambda_net import LambdaNet
     from .methods import Combined, Mixture, combine, equizero_loss, lambda_entropy
@@ -36,12 +37,14 @@ __all__ = [
     "ZeroLoss",
     "combine",
     "equizero_loss",
+    "group_rows",
     "image_group",
     "lambda_entropy",
+    "per_group",
     "pool_features",
 ]
 
-_TORCH_MODULES = ("groups", "lambda_net", "methods", "model")
+_TORCH_MODULES = ("batches", "groups", "lambda_net", "methods", "model")
 
 
 def __getattr__(name: str) -> Any:

@@ -3,19 +3,22 @@
 The engine (``app.engine``) is the same for every task: it loads models, admits requests
 (queue bound, predicted wait, deadline from arrival), batches items, runs the batch function
 in its inference thread, answers, drains, and records metrics. A task is a package
-``app.tasks.<task>`` with a ``ServedModel`` subclass that fills in the pieces below, and a
-spec class (``TaskSpec`` subclass) for its ``model.yaml``. The engine never looks inside.
+``app.tasks.<task>`` (registered in ``app.tasks.TASKS``) with a ``ServedModel`` subclass that
+fills in the pieces below, a spec class (``TaskSpec`` subclass) for its ``model.yaml``, its
+limits (``TaskLimits`` subclass: an ``EQUISERVE_<TASK>_*`` env section, overridable per model
+under ``limits:``) and its HTTP adapter (``app.tasks.http``). The engine never looks inside.
 
 A request flows through the pieces in this order::
 
-    split(request, settings) -> [piece, ...]      on the event loop: cheap checks, one piece per batch item
+    split(request)           -> [piece, ...]      on the event loop: cheap checks, one piece per batch item
     prepare(piece)           -> item              in the preprocessing pool (or inline): decode, tokenize
     __call__([item, ...])    -> [result | error]  the inference thread: ONE fused pass for the batch
     respond(request, results, timing) -> output   the request's answer
 
-Errors are the engine's (``app.engine.errors``): raise ``InvalidInput``, ``TooLarge``, ...
-from ``split`` or ``prepare``; return an exception in the batch function's list to fail one
-item without failing the others.
+``split`` defaults to one piece (the request itself) and ``prepare`` to the identity. Errors are
+``app.errors``': raise ``InvalidInput``, ``TooLarge``, ... from ``split`` or ``prepare``; return
+an exception in the batch function's list to fail one item without failing the others
+(``app.equivariance.per_group`` does that per method).
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.engine.errors import InvalidInput
 from app.equivariance import Method, ZeroLoss
+from app.errors import InvalidInput
 
 if TYPE_CHECKING:
     import torch
@@ -50,10 +54,32 @@ class BackboneSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the backbone class")
 
 
+class TaskLimits(BaseSettings):
+    """A task's limits: a settings section of its own, ``EQUISERVE_<TASK>_<LIMIT>`` env vars (and
+    ``EQUISERVE_<LIMIT>``, the name from before tasks had sections), overridden per model by the
+    entry's ``limits:`` in ``model.yaml``. Subclasses declare their fields with ``limit``."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+
+def limit(task: str, name: str, default: Any, description: str, **constraints: Any) -> Any:
+    """A ``TaskLimits`` field read from ``EQUISERVE_<TASK>_<NAME>``, else ``EQUISERVE_<NAME>``."""
+    aliases = AliasChoices(f"EQUISERVE_{task.upper()}_{name.upper()}", f"EQUISERVE_{name.upper()}")
+    return Field(default, description=description, validation_alias=aliases, **constraints)
+
+
+def env_names(limits_type: type[TaskLimits], field: str) -> list[str]:
+    """The env vars a limit is read from, preferred first."""
+    alias = limits_type.model_fields[field].validation_alias
+    return [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else [field.upper()]
+
+
 class TaskSpec(BaseModel):
-    """The fields of ``model.yaml`` common to every task; each task's spec adds its own."""
+    """The fields of ``model.yaml`` common to every task; each task's spec adds its own, and
+    names its limits class (``limits_type``): ``limits:`` in the entry overrides the env vars."""
 
     model_config = ConfigDict(extra="forbid")
+    limits_type: ClassVar[type[TaskLimits]] = TaskLimits
 
     name: str
     task: str
@@ -65,6 +91,21 @@ class TaskSpec(BaseModel):
     zero_loss: ZeroLoss = ZeroLoss.NEG_MAX_PROB
     lambda_net: str | None = Field(None, description="safetensors file of a trained λ-net")
     optional: bool = Field(False, description="skip when the weights need a download, unless named")
+    limits: TaskLimits = Field(default_factory=TaskLimits, description="this model's limits (default: the env's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_limits(cls, raw: Any) -> Any:
+        """``limits:`` of the entry over the env vars: the settings class reads the env at validation."""
+        if isinstance(raw, dict) and not isinstance(raw.get("limits"), TaskLimits):
+            overrides = raw.get("limits") or {}
+            if not isinstance(overrides, dict):
+                raise ValueError("limits must be a mapping of limit names to values")
+            unknown = sorted(set(overrides) - set(cls.limits_type.model_fields))
+            if unknown:
+                raise ValueError(f"unknown limits {unknown}; this task has {sorted(cls.limits_type.model_fields)}")
+            raw = {**raw, "limits": cls.limits_type(**overrides)}
+        return raw
 
     @model_validator(mode="after")
     def _check_methods(self) -> TaskSpec:
@@ -123,13 +164,14 @@ class LoadOptions:
 class Timing:
     """How a request was served (the slowest of its items)."""
 
-    queue_s: float
-    inference_s: float
-    batch_size: int
+    queue_ms: Annotated[float, Field(description="longest time one of the request's items waited for its batch")]
+    inference_ms: Annotated[float, Field(description="the fused pass of that batch")]
+    batch_size: Annotated[int, Field(description="items in that batch (all requests)")]
 
 
 class Diagnosed(Protocol):
-    """What the engine's metrics read from every result."""
+    """What the engine's metrics read from a result, where it has them (an attribute a result
+    lacks counts as None)."""
 
     lambda_entropy: float | None
     selected_transform: str | None
@@ -176,6 +218,11 @@ class ServedModel(ABC, Generic[RequestT, PieceT, ItemT, ResultT, OutputT]):
         return self.spec.name
 
     @property
+    def limits(self) -> Any:
+        """This model's limits: its task's ``TaskLimits``, with the entry's overrides."""
+        return self.spec.limits
+
+    @property
     @abstractmethod
     def backbone_name(self) -> str: ...
 
@@ -213,14 +260,15 @@ class ServedModel(ABC, Generic[RequestT, PieceT, ItemT, ResultT, OutputT]):
         return {}
 
     # -- serving ---------------------------------------------------------------------------
-    @abstractmethod
-    def split(self, request: RequestT, settings: Settings) -> Sequence[PieceT]:
-        """Check what is cheap to check (limits are ``settings``' ``max_*``) and return one
-        piece per batch item."""
+    def split(self, request: RequestT) -> Sequence[PieceT]:
+        """Check what is cheap to check (against ``self.limits``) and return one piece per batch
+        item; by default the request is one item."""
+        return [request]  # type: ignore[list-item]
 
-    @abstractmethod
     def prepare(self, piece: PieceT) -> ItemT:
-        """A piece -> a batch item (decode, preprocess, tokenize); may raise engine errors."""
+        """A piece -> a batch item (decode, preprocess, tokenize); may raise ``app.errors``'
+        errors. By default the piece is the item."""
+        return piece  # type: ignore[return-value]
 
     @abstractmethod
     def __call__(self, items: list[ItemT]) -> Sequence[ResultT | BaseException]:

@@ -28,10 +28,10 @@ if str(REPO_ROOT) not in sys.path:
 import litserve as ls  # noqa: E402
 from fastapi import HTTPException  # noqa: E402
 
+from app.backbones.images import decode_image  # noqa: E402
 from app.config import DEFAULT_MODELS_DIR  # noqa: E402
-from app.engine.registry import load_model  # noqa: E402
 from app.equivariance import Method  # noqa: E402
-from app.tasks.classify.decode import decode_image  # noqa: E402
+from app.tasks import load_model  # noqa: E402
 from app.tasks.classify.messages import ImageResult  # noqa: E402
 from app.tasks.classify.model import ImageItem  # noqa: E402
 

@@ -36,10 +36,10 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile  # noqa: E402
 
+from app.backbones.images import decode_image  # noqa: E402
 from app.backbones.preprocess import pixels_from_uint8  # noqa: E402
 from app.config import DEFAULT_MODELS_DIR  # noqa: E402
-from app.engine.registry import load_model  # noqa: E402
-from app.tasks.classify.decode import decode_image  # noqa: E402
+from app.tasks import load_model  # noqa: E402
 
 MAX_PIXELS = 25_000_000
 

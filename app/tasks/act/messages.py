@@ -1,39 +1,53 @@
-"""What an act request carries and what its answer holds (plain data, no torch)."""
+"""What an act request carries and what its answer holds: plain dataclasses, no torch. The same
+types validate and document the HTTP body and serialise the answer (``app.tasks.http``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import ConfigDict, Field
 
 from app.equivariance import Method
 from app.tasks.base import Timing
+
+METHOD = "vanilla | equitune | equizero | lambda (default: the model's)"
 
 
 @dataclass(frozen=True)
 class ActRequest:
     """States of one or more environments (one observation vector each), and how to combine the copies."""
 
-    observations: Sequence[Sequence[float]]
-    method: str | None = None
+    __pydantic_config__ = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"observations": [[0.02, -0.01, 0.03, 0.04]], "method": "lambda"}]},
+    )
+
+    observations: Annotated[
+        Sequence[Sequence[float]],
+        Field(min_length=1, description="one state per environment, as the environment's observation vector"),
+    ]
+    method: Annotated[str | None, Field(description=METHOD)] = None
 
 
 @dataclass(frozen=True)
 class TransformDiagnostics:
     """One transformed copy ``g``: its weight in the answer, and what it alone would do."""
 
-    name: str
-    weight: float  # normalised weight of this copy (λ for the lambda method); HTTP: "lambda"
-    action: int  # the greedy action of P_g⁻¹ Q(g . s): this copy's choice, mapped back to the state's frame
-    max_q: float  # max_a Q(g . s, a): what equizero compares
+    name: Annotated[str, Field(description="the group element that made this copy, e.g. reflect")]
+    weight: Annotated[float, Field(alias="lambda", description="normalised weight of this copy (sums to 1)")]
+    action: Annotated[int, Field(description="the greedy action of this copy alone, mapped back to the state's frame")]
+    max_q: Annotated[float, Field(description="max_a Q(g·s, a): what equizero compares")]
 
 
 @dataclass(frozen=True)
 class ActResult:
-    q_values: list[float]  # the combined Q_G(s, ·)
-    action: int  # argmax of q_values (the lowest index among ties)
+    q_values: Annotated[list[float], Field(description="the combined Q-values, one per action (equivariant)")]
+    action: Annotated[int, Field(description="the greedy action: argmax of q_values (the lowest index among ties)")]
     transforms: list[TransformDiagnostics]
-    selected_transform: str | None  # equizero's g*; None for the other methods
-    lambda_entropy: float | None  # of the λ-net's weights, whatever the method
+    selected_transform: Annotated[str | None, Field(description="the copy equizero chose; null for other methods")]
+    lambda_entropy: Annotated[float | None, Field(description="entropy (nats) of the λ-net's weights")]
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,6 @@ class ActOutput:
     model: str
     method: Method
     group: str
-    env: str
+    env: Annotated[str, Field(description="the gymnasium id of the environment, e.g. CartPole-v1")]
     results: list[ActResult]
     timing: Timing

@@ -22,12 +22,14 @@ from pydantic import Field, model_validator
 from app.tasks.base import TaskSpec
 
 from .qnet import DEFAULT_HIDDEN
+from .settings import ActLimits
 from .symmetries import SYMMETRIES, symmetry
 
 BACKBONE_FAMILY = "mlp"
 
 
 class ActSpec(TaskSpec):
+    limits_type = ActLimits
     task: Literal["act"] = "act"
     env: str = Field(description="gymnasium id of the environment the agent acts in, e.g. CartPole-v1")
     weights: str = Field("qnet.safetensors", description="safetensors file of the Q-network (app.tasks.act.qnet.QNet)")

@@ -1,11 +1,16 @@
-"""What a classify request carries and what its answer holds (plain data, no torch)."""
+"""What a classify request carries and what its answer holds: plain dataclasses, no torch. The
+answer types also serialise and document the HTTP answer (``app.tasks.http``); the HTTP body
+forms of a request (multipart, JSON with base64) are ``http``'s."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from app.equivariance import Method
 from app.tasks.base import Timing
@@ -44,25 +49,32 @@ class ClassifyRequest:
 class Prediction:
     label: str
     index: int
-    score: float
+    score: Annotated[float, Field(description="softmax probability of the combined output")]
 
 
 @dataclass(frozen=True)
 class TransformDiagnostics:
-    name: str
-    weight: float  # normalised weight of this copy in the answer (λ for the lambda method)
-    top_label: str
-    top_score: float
-    top_index: int  # index of top_label in the label set
+    name: Annotated[str, Field(description="the group element that made this copy, e.g. rot90")]
+    weight: Annotated[
+        float, Field(alias="lambda", description="normalised weight of this copy in the answer (sums to 1 over copies)")
+    ]
+    top_label: Annotated[str, Field(description="what this copy alone predicted")]
+    top_score: Annotated[float, Field(description="this copy's own softmax probability for top_label")]
+    top_index: Annotated[int, Field(description="the index of top_label in the label set")]
 
 
 @dataclass(frozen=True)
 class ImageResult:
+    __pydantic_config__ = ConfigDict(arbitrary_types_allowed=True)
+
     predictions: list[Prediction]
     transforms: list[TransformDiagnostics]
-    selected_transform: str | None
-    lambda_entropy: float  # of the λ-net's normalised weights, whatever the method
-    probabilities: np.ndarray | None = None  # float32 [K], every label's; only when the request asked
+    selected_transform: Annotated[str | None, Field(description="the copy equizero chose; null for other methods")]
+    lambda_entropy: Annotated[
+        float, Field(description="entropy (nats) of the λ-net's weights: 0 = one copy, log|G| = uniform")
+    ]
+    # float32 [K], every label's probability; only when the request asked (the v2 output ``probabilities``)
+    probabilities: Annotated[SkipJsonSchema[np.ndarray | None], Field(exclude=True)] = None
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,14 +23,21 @@ from app.backbones.base import ImageBackbone, LinearHeadBackbone
 from app.backbones.compiled import BucketedEncoder
 from app.backbones.factory import create_backbone
 from app.backbones.factory import weights_are_local as backbone_is_local
+from app.backbones.images import (
+    apply_orientation,
+    decode_image,
+    decode_jpegs_on_device,
+    exif_orientation,
+    is_plain_jpeg,
+    open_image,
+)
 from app.backbones.onnx_cache import can_export, onnx_backbone
 from app.backbones.onnx_quant import Calibration
 from app.backbones.onnx_runtime import OnnxBackbone
 from app.backbones.preprocess import crop_uint8, pixels_from_uint8, resize_center_crop, resize_on_device
-from app.engine.batch_sizing import fastest_batch_size
-from app.engine.errors import InvalidInput, TooLarge
-from app.engine.memory import release_free_memory
-from app.engine.registry import (
+from app.equivariance import EquivariantModel, Method, combine, image_group, lambda_entropy, per_group
+from app.errors import InvalidInput, TooLarge
+from app.repository import (
     ModelLoadError,
     file_in,
     load_lambda_net,
@@ -41,17 +47,10 @@ from app.engine.registry import (
     resolve_dtype,
     resolve_file_options,
 )
-from app.equivariance import EquivariantModel, Method, combine, image_group, lambda_entropy
+from app.runtime.batch_sizing import fastest_batch_size
+from app.runtime.memory import release_free_memory
 from app.tasks.base import LoadOptions, ServedModel, Timing
 
-from .decode import (
-    apply_orientation,
-    decode_image,
-    decode_jpegs_on_device,
-    exif_orientation,
-    is_plain_jpeg,
-    open_image,
-)
 from .messages import (
     ClassifyOutput,
     ClassifyRequest,
@@ -62,9 +61,6 @@ from .messages import (
     TransformDiagnostics,
 )
 from .spec import ClassifySpec
-
-if TYPE_CHECKING:
-    from app.config import Settings
 
 log = logging.getLogger("equiserve.classify")
 
@@ -260,26 +256,27 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
         }
 
     # -- a request ------------------------------------------------------------------------------
-    def split(self, request: ClassifyRequest, settings: Settings) -> list[ImagePiece]:
+    def split(self, request: ClassifyRequest) -> list[ImagePiece]:
         """Everything about a request that depends on its model, checked before decoding."""
+        limits = self.limits
         n_images = len(request.images)
         if n_images < 1:
             raise InvalidInput("send at least one image")
-        if n_images > settings.max_images:
+        if n_images > limits.max_images:
             raise TooLarge(
-                f"{n_images} images in one request; the limit is {settings.max_images} (EQUISERVE_MAX_IMAGES)"
+                f"{n_images} images in one request; the limit is {limits.max_images} (EQUISERVE_CLASSIFY_MAX_IMAGES)"
             )
         method = self.spec.resolve_method(request.method)
-        labels = self._label_set(request.labels, settings)
+        labels = self._label_set(request.labels)
         num_labels = len(labels) if labels is not None else len(self.backbone.labels)
         top_k = min(DEFAULT_TOP_K, num_labels) if request.top_k is None else request.top_k
         if not 1 <= top_k <= num_labels:
             raise InvalidInput(f"top_k must be between 1 and {num_labels}")
         for image in request.images:
             if isinstance(image, Pixels):
-                self._check_pixels_shape(image.array, settings.max_pixels)
+                self._check_pixels_shape(image.array, limits.max_pixels)
         return [
-            ImagePiece(image, method, top_k, labels, settings.max_pixels, request.probabilities)
+            ImagePiece(image, method, top_k, labels, limits.max_pixels, request.probabilities)
             for image in request.images
         ]
 
@@ -291,20 +288,21 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
         if height * width > max_pixels:
             raise TooLarge(f"pixels are {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
 
-    def _label_set(self, labels: Sequence[str] | None, settings: Settings) -> tuple[str, ...] | None:
+    def _label_set(self, labels: Sequence[str] | None) -> tuple[str, ...] | None:
+        limits = self.limits
         if labels is None:
             if self.zero_shot and not self.backbone.labels:
                 raise InvalidInput(f"{self.name} is zero-shot: send 'labels'")
             return None
         if not self.zero_shot:
             raise InvalidInput(f"{self.name} has a fixed label set; 'labels' is only for zero-shot models")
-        if len(labels) > settings.max_labels:
-            raise TooLarge(f"{len(labels)} labels; the limit is {settings.max_labels} (EQUISERVE_MAX_LABELS)")
+        if len(labels) > limits.max_labels:
+            raise TooLarge(f"{len(labels)} labels; the limit is {limits.max_labels} (EQUISERVE_CLASSIFY_MAX_LABELS)")
         cleaned = tuple(label.strip() for label in labels)
         if not cleaned or any(not label for label in cleaned):
             raise InvalidInput("labels must be non-empty strings")
-        if any(len(label) > settings.max_label_chars for label in cleaned):
-            raise InvalidInput(f"a label is longer than {settings.max_label_chars} characters")
+        if any(len(label) > limits.max_label_chars for label in cleaned):
+            raise InvalidInput(f"a label is longer than {limits.max_label_chars} characters")
         if len(set(cleaned)) != len(cleaned):
             raise InvalidInput("labels must be distinct")
         return cleaned
@@ -407,66 +405,61 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
         lambda_weights = torch.softmax(log_lambda.float(), dim=0)
         entropies = lambda_entropy(lambda_weights).cpu().tolist()
 
-        results: list[ImageResult | BaseException] = [RuntimeError("not computed")] * len(items)
-        by_labels: dict[tuple[str, ...] | None, list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            by_labels[item.labels].append(i)
         names = self.model.group.names
-        for label_set, rows in by_labels.items():
-            try:
-                head = self.backbone.head_for(label_set)
-                label_names = self.labels_for(label_set)
-                index = torch.tensor(rows, device=features.device)
-                aligned = self.model.heads(features.index_select(1, index), head).float()  # [n, b, K]
-                copy_scores, copy_top = aligned.softmax(-1).max(-1)  # what each copy predicted
-                copy_scores, copy_top = copy_scores.cpu().tolist(), copy_top.cpu().tolist()
-                sub_log_lambda = log_lambda.index_select(1, index)
-                by_method: dict[Method, list[int]] = defaultdict(list)
-                for j, row in enumerate(rows):
-                    by_method[items[row].method].append(j)
-                for method, cols in by_method.items():
-                    col_index = torch.tensor(cols, device=features.device)
-                    combined = combine(
-                        aligned.index_select(1, col_index),
-                        method,
-                        log_lambda=sub_log_lambda.index_select(1, col_index),
-                        zero_loss=self.model.zero_loss,
-                    )
-                    k = min(max(items[rows[j]].top_k for j in cols), len(label_names))
-                    probabilities = combined.output.softmax(-1)
-                    top_scores, top_index = probabilities.topk(k, dim=-1)
-                    top_scores, top_index = top_scores.cpu().tolist(), top_index.cpu().tolist()
-                    full = probabilities.cpu().numpy() if any(items[rows[j]].probabilities for j in cols) else None
-                    weights = combined.weights.cpu().T.tolist()  # [b, n]
-                    selected = combined.selected.cpu().tolist() if combined.selected is not None else None
-                    for c, j in enumerate(cols):
-                        item = items[rows[j]]
-                        predictions = [
+
+        def label_set(labels: tuple[str, ...] | None, rows: list[int]) -> list[ImageResult | BaseException]:
+            head = self.backbone.head_for(labels)
+            label_names = self.labels_for(labels)
+            index = torch.tensor(rows, device=features.device)
+            aligned = self.model.heads(features.index_select(1, index), head).float()  # [n, b, K]
+            copy_scores, copy_top = aligned.softmax(-1).max(-1)  # what each copy predicted
+            copy_scores, copy_top = copy_scores.cpu().tolist(), copy_top.cpu().tolist()
+            sub_log_lambda = log_lambda.index_select(1, index)
+
+            def method_group(method: Method, cols: list[int]) -> list[ImageResult]:
+                col_index = torch.tensor(cols, device=features.device)
+                combined = combine(
+                    aligned.index_select(1, col_index),
+                    method,
+                    log_lambda=sub_log_lambda.index_select(1, col_index),
+                    zero_loss=self.model.zero_loss,
+                )
+                asked = [items[rows[j]] for j in cols]
+                k = min(max(item.top_k for item in asked), len(label_names))
+                probabilities = combined.output.softmax(-1)
+                top_scores, top_index = probabilities.topk(k, dim=-1)
+                top_scores, top_index = top_scores.cpu().tolist(), top_index.cpu().tolist()
+                full = probabilities.cpu().numpy() if any(item.probabilities for item in asked) else None
+                weights = combined.weights.cpu().T.tolist()  # [b, n]
+                selected = combined.selected.cpu().tolist() if combined.selected is not None else None
+                return [
+                    ImageResult(
+                        [
                             Prediction(label_names[idx], idx, score)
                             for idx, score in zip(top_index[c][: item.top_k], top_scores[c][: item.top_k], strict=True)
-                        ]
-                        transforms = [
+                        ],
+                        [
                             TransformDiagnostics(
                                 names[g], weights[c][g], label_names[copy_top[g][j]], copy_scores[g][j], copy_top[g][j]
                             )
                             for g in range(len(names))
-                        ]
-                        results[rows[j]] = ImageResult(
-                            predictions,
-                            transforms,
-                            names[selected[c]] if selected is not None else None,
-                            entropies[rows[j]],
-                            full[c] if full is not None and item.probabilities else None,
-                        )
-            except Exception as exc:  # one label set failing must not fail the rest of the batch
-                for row in rows:
-                    results[row] = exc
-        return results
+                        ],
+                        names[selected[c]] if selected is not None else None,
+                        entropies[rows[j]],
+                        full[c] if full is not None and item.probabilities else None,
+                    )
+                    for c, (j, item) in enumerate(zip(cols, asked, strict=True))
+                ]
+
+            return per_group([items[row].method for row in rows], method_group)
+
+        # a row's exception is its label set's, or its method group's within the label set
+        return per_group([item.labels for item in items], label_set)
 
     def warmup(self, batch_size: int) -> None:
         """A full-size batch with every method, so the first real request pays nothing. On the
         CPU (``tune_batch_size``) also the batch sizes up to ``batch_size``, timed, to cap
-        batches at the one cheapest per image (``app.engine.batch_sizing``)."""
+        batches at the one cheapest per image (``app.runtime.batch_sizing``)."""
         if isinstance(self.model.encoder, BucketedEncoder):  # every batch-size bucket, built now
             size = self.backbone.input_size
             example = torch.rand(1, 3, size, size, device=self.device)

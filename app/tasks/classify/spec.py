@@ -6,12 +6,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from app.backbones.factory import families_for
+from app.backbones.factory import IMAGE_FAMILIES
 from app.equivariance.groups import IMAGE_GROUPS
 from app.tasks.base import TaskSpec
 
+from .settings import ClassifyLimits
+
 
 class ClassifySpec(TaskSpec):
+    limits_type = ClassifyLimits
     task: Literal["classify"] = "classify"
     head: str | None = Field(None, description="safetensors file of a linear head (weight, bias)")
     labels: list[str] | str | None = Field(None, description="label names, or a text file with one per line")
@@ -28,9 +31,10 @@ class ClassifySpec(TaskSpec):
     def _check(self) -> ClassifySpec:
         if self.group not in IMAGE_GROUPS:
             raise ValueError(f"unknown group {self.group!r}; choose from {list(IMAGE_GROUPS)}")
-        families = families_for("classify")
-        if self.backbone.family not in families:
-            raise ValueError(f"backbone family {self.backbone.family!r} does not classify; choose from {families}")
+        if self.backbone.family not in IMAGE_FAMILIES:
+            raise ValueError(
+                f"backbone family {self.backbone.family!r} is no image backbone; choose from {list(IMAGE_FAMILIES)}"
+            )
         if self.head is not None and self.labels is None:
             raise ValueError("a head needs its labels")
         return self

@@ -26,21 +26,36 @@ leave the batch (their cache rows are dropped) so they cost nothing while others
 from __future__ import annotations
 
 import threading
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
-from app.equivariance import Method, lambda_entropy
+from app.equivariance import Method, group_rows, lambda_entropy
 from app.equivariance.text import canonical_frames, next_token_distribution
 
 from .messages import GeneratedToken, GenerationResult, TokenEvent
 
 if TYPE_CHECKING:
-    from .model import GenerateModel
+    from app.backbones.causal_lm import CausalLM
+    from app.equivariance import EquivariantModel, LambdaNet
+    from app.equivariance.text import TextGroup
+
+    from .spec import GenerateSpec
+
+
+class Decodable(Protocol):
+    """What a ``Decoder`` uses of its model (``GenerateModel``)."""
+
+    lm: CausalLM
+    group: TextGroup
+    equivariant: EquivariantModel
+    lambda_net: LambdaNet
+    device: torch.device
+    spec: GenerateSpec
 
 
 @dataclass
@@ -115,10 +130,10 @@ class _Combined:
     mid: Tensor  # [b] context of the next position (True: inside a word)
 
 
-class TextRunner:
+class Decoder:
     """Decodes batches of ``GenerationRequest`` on one ``GenerateModel``."""
 
-    def __init__(self, model: GenerateModel) -> None:
+    def __init__(self, model: Decodable) -> None:
         self.model = model
         self.lm = model.lm
         self.group = model.group
@@ -161,11 +176,8 @@ class TextRunner:
         out = torch.empty_like(aligned[0])
         weights = torch.zeros(n, b, device=out.device)
         selected = [-1] * b
-        subsets: dict[tuple[Method, bool], list[int]] = defaultdict(list)
-        for j, key in enumerate(rows):
-            subsets[key].append(j)
         general = group.general_mask(out.device)
-        for (method, relaxed), cols in subsets.items():
+        for (method, relaxed), cols in group_rows(rows).items():
             index = torch.tensor(cols, device=out.device)
             subset = aligned.index_select(1, index)
             combined = self.equivariant.combine_aligned(

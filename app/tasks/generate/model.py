@@ -1,4 +1,4 @@
-"""A served language model: LM, text group and λ-net; requests decoded by ``TextRunner``.
+"""A served language model: LM, text group and λ-net; batches decoded by ``decoding.Decoder``.
 
 A batch is decoded to its end (static batching: requests that arrive meanwhile form the
 next batch), so its batches always wait ``max_wait_ms`` for company (``always_wait``).
@@ -9,29 +9,25 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from app.backbones.causal_lm import CausalLM, CausalLMError, load_causal_lm
 from app.backbones.causal_lm import weights_are_local as lm_is_local
-from app.engine.errors import InvalidInput, TooLarge
-from app.engine.registry import ModelLoadError, load_lambda_net, resolve_device, resolve_dtype, resolve_file_options
 from app.equivariance import EquivariantModel, LambdaNet
 from app.equivariance.text import TextGroup, TextGroupError, build_text_group
+from app.errors import InvalidInput, TooLarge
+from app.repository import ModelLoadError, load_lambda_net, resolve_device, resolve_dtype, resolve_file_options
 from app.tasks.base import Emit, LoadOptions, ServedModel, Timing
 
-from .decoding import GenerationRequest, TextRunner
-from .messages import GenerateOutput, GenerateRequest, GenerationResult
-from .spec import GenerateSpec, GenerationSpec, TextGroupSpec
-
-if TYPE_CHECKING:
-    from app.config import Settings
+from .decoding import Decoder, GenerationRequest
+from .messages import MAX_SEED, GenerateOutput, GenerateRequest, GenerationResult, TransformWeight, Usage
+from .spec import GenerateSpec, TextGroupSpec
 
 log = logging.getLogger("equiserve.generate")
 
 FILE_OPTIONS = ("tokenizer_file", "weights_path")  # backbone options naming files in the model's folder
-MAX_SEED = 2**63 - 1
 
 
 def build_group(lm: CausalLM, group: str, spec: TextGroupSpec) -> TextGroup:
@@ -72,7 +68,7 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
             zero_loss=spec.zero_loss,
             mixture=spec.text_group.combine.mixture,
         ).eval()
-        self.runner = TextRunner(self)
+        self.decoder = Decoder(self)
 
     @classmethod
     def load(cls, folder: Path, spec: GenerateSpec, options: LoadOptions) -> GenerateModel:
@@ -113,10 +109,6 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
         return self.group.names
 
     @property
-    def limits(self) -> GenerationSpec:
-        return self.spec.generation
-
-    @property
     def text_group(self) -> TextGroupSpec:
         return self.spec.text_group
 
@@ -127,7 +119,7 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
         return {"num_labels": None, "zero_shot": False, "input_size": None}
 
     # -- a request ------------------------------------------------------------------------------
-    def split(self, request: GenerateRequest, settings: Settings) -> list[GenerateRequest]:
+    def split(self, request: GenerateRequest) -> list[GenerateRequest]:
         """The options' checks against the model's limits; the prompt is one batch item."""
         limits = self.limits
         if len(request.prompt) > limits.max_prompt_chars:
@@ -174,17 +166,26 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
         )
 
     def respond(self, request: GenerateRequest, results: list[GenerationResult], timing: Timing) -> GenerateOutput:
-        (result,) = results
+        (r,) = results
         return GenerateOutput(
             model=self.name,
             method=self.spec.resolve_method(request.method),
             group=self.spec.group,
-            transforms=self.transforms,
-            relaxed=result.relaxed,
-            seed=result.seed,
-            temperature=result.temperature,
-            top_k=result.top_k,
-            result=result,
+            relaxed=r.relaxed,
+            text=r.text,
+            tokens=r.tokens,
+            finish_reason=r.finish_reason,
+            transforms=[
+                TransformWeight(name, weight, prompt)
+                for name, weight, prompt in zip(self.transforms, r.weights, r.prompts, strict=True)
+            ],
+            selected_transform=r.selected_transform,
+            lambda_entropy=r.lambda_entropy,
+            frame=r.frame,
+            seed=r.seed,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            usage=Usage(r.prompt_tokens, len(r.tokens)),
             timing=timing,
         )
 
@@ -197,9 +198,9 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
 
     # -- the fused pass --------------------------------------------------------------------------
     def __call__(self, items: list[GenerationRequest]) -> list[GenerationResult | BaseException]:
-        return self.runner(items)
+        return self.decoder(items)
 
     def warmup(self, batch_size: int) -> None:
-        self.runner.warmup(batch_size)
+        self.decoder.warmup(batch_size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,4 +1,4 @@
-"""The ``model.yaml`` of a language model (``task: generate``): its text group and limits."""
+"""The ``model.yaml`` of a language model (``task: generate``): its text group (its limits: ``settings``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.equivariance.text import FORMS, CombineSpace, TextGroupError, parse_axes
 from app.tasks.base import TaskSpec
+
+from .settings import GenerateLimits
 
 Form = Literal["space", "bare", "capitalized_space", "capitalized_bare"]
 
@@ -29,32 +31,10 @@ class TextGroupSpec(BaseModel):
     combine: CombineSpace = Field(CombineSpace.PROBS, description="average probabilities or log-probabilities")
 
 
-class GenerationSpec(BaseModel):
-    """Limits and defaults of the generate route for this model."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_prompt_chars: int = Field(8192, ge=1, description="prompt characters (413 before tokenizing)")
-    max_prompt_tokens: int = Field(512, ge=1, description="prompt tokens (413)")
-    max_new_tokens: int = Field(256, ge=1, description="tokens one request may ask for (413)")
-    default_max_new_tokens: int = Field(32, ge=1)
-    default_temperature: float = Field(1.0, ge=0, description="0 = greedy")
-    default_top_k: int = Field(50, ge=0, description="0 = the whole vocabulary")
-    max_batch_size: int | None = Field(
-        None, ge=1, description="requests decoded together (default EQUISERVE_MAX_BATCH_SIZE)"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> GenerationSpec:
-        if self.default_max_new_tokens > self.max_new_tokens:
-            raise ValueError("default_max_new_tokens is over max_new_tokens")
-        return self
-
-
 class GenerateSpec(TaskSpec):
+    limits_type = GenerateLimits
     task: Literal["generate"] = "generate"
     text_group: TextGroupSpec = Field(default_factory=TextGroupSpec, description="how the word-swap group is built")
-    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="limits and defaults")
 
     @model_validator(mode="after")
     def _check(self) -> GenerateSpec:

@@ -1,41 +1,54 @@
-"""What a translate request carries and what its answer holds (plain data, no torch)."""
+"""What a translate request carries and what its answer holds: plain dataclasses, no torch. The
+same types validate and document the HTTP body and serialise the answer (``app.tasks.http``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import ConfigDict, Field
 
 from app.equivariance import Method
 from app.tasks.base import Timing
+
+METHOD = "vanilla | equitune | equizero | lambda (default: the model's)"
 
 
 @dataclass(frozen=True)
 class TranslateRequest:
     """SCAN commands (words separated by spaces, e.g. ``"jump twice after walk left"``) and the method."""
 
-    commands: Sequence[str]
-    method: str | None = None
+    __pydantic_config__ = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"commands": ["jump twice after walk left"], "method": "equizero"}]},
+    )
+
+    commands: Annotated[Sequence[str], Field(min_length=1, description="SCAN commands: words separated by spaces")]
+    method: Annotated[str | None, Field(description=METHOD)] = None
 
 
 @dataclass(frozen=True)
 class TransformDiagnostics:
     """One transformed copy ``g``: its weight in the answer, and what it alone produced."""
 
-    name: str
-    weight: float  # normalised weight of this copy (λ for the lambda method); HTTP: "lambda"
-    actions: str  # g⁻¹·M(g·x): this copy's own greedy translation, mapped back to the command's frame
-    finished: bool  # that translation ended within the length limit
-    loss: float  # equizero's loss of that translation (minus its mean max-probability, or its entropy)
+    name: Annotated[str, Field(description="the group element that made this copy, e.g. jump<->run")]
+    weight: Annotated[float, Field(alias="lambda", description="normalised weight of this copy (sums to 1)")]
+    actions: Annotated[
+        str, Field(description="g⁻¹·M(g·x): this copy's own greedy translation, mapped back to the command's words")
+    ]
+    finished: Annotated[bool, Field(description="that translation ended within the model's max_actions")]
+    loss: Annotated[float, Field(description="equizero's loss of that translation (lower is chosen)")]
 
 
 @dataclass(frozen=True)
 class TranslationResult:
-    command: str  # as read: words separated by single spaces
-    actions: str  # space-separated I_... tokens, as in SCAN's files ("" for none)
-    finished: bool  # False: the length limit (max_actions) cut the translation
+    command: Annotated[str, Field(description="the command as read (single spaces)")]
+    actions: Annotated[str, Field(description="space-separated I_... actions, as in SCAN's files (equivariant)")]
+    finished: Annotated[bool, Field(description="false: the model's max_actions cut the translation")]
     transforms: list[TransformDiagnostics]
-    selected_transform: str | None  # equizero's g*; None for the other methods
-    lambda_entropy: float | None  # of the λ-net's weights, whatever the method
+    selected_transform: Annotated[str | None, Field(description="the copy equizero chose; null for other methods")]
+    lambda_entropy: Annotated[float | None, Field(description="entropy (nats) of the λ-net's weights")]
 
 
 @dataclass(frozen=True)

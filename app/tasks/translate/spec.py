@@ -29,12 +29,14 @@ from app.tasks.base import TaskSpec
 from .groups import parse_group
 from .scan import SPLITS
 from .seq2seq import CELLS
+from .settings import TranslateLimits
 
 BACKBONE_FAMILY = "seq2seq"
 BACKBONE_OPTIONS = {"cell", "hidden", "bidirectional"}
 
 
 class TranslateSpec(TaskSpec):
+    limits_type = TranslateLimits
     task: Literal["translate"] = "translate"
     split: Literal["add_jump", "around_right"] | None = Field(None, description=f"the SCAN split trained on: {SPLITS}")
     weights: str = Field("seq2seq.safetensors", description="safetensors file of the seq2seq model")

@@ -1,0 +1,115 @@
+"""``POST /v1/models/{name}/{task}`` for every registered task, written once.
+
+Each task's adapter (``app.tasks.<task>.http``) says how its body becomes its request and its
+answer becomes JSON; everything else is here, the same for every task: the API key (a
+dependency, checked before any byte of the body is read), admission by the engine before the
+body is read, the deadline, a client that disconnects (its queued work is dropped), streaming as
+server-sent events for adapters that stream, and the OpenAPI entry. Errors are raised as
+``app.errors``' and mapped to statuses by ``app.api.errors``. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+
+from app.engine.engine import StreamEvent
+from app.errors import EngineError
+from app.tasks import TASKS, task_http
+from app.tasks.http import Served, TaskHttp, answer_schema, inline_definitions, to_json
+
+from .common import engine_of, error_responses, require_api_key, settings_of, until_disconnected
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def build_inference_router() -> APIRouter:
+    router = APIRouter()
+    for task in TASKS:
+        add_task_route(router, task, task_http(task))
+    return router
+
+
+def add_task_route(router: APIRouter, task: str, http: TaskHttp) -> None:
+    async def infer(name: str, request: Request) -> Response:
+        engine = engine_of(request)
+        request_id = request.state.request_id
+
+        async def read() -> Any:
+            model = engine.model(name, task)
+            served = Served(model.card(), model.limits, settings_of(request).max_body_bytes)
+            return await http.read(request, served)
+
+        source = read
+        if http.streams:
+            # Whether to stream is in the body: read it first (a small JSON body; the key was checked).
+            engine.check_accepting()
+            parsed = await read()
+            if http.wants_stream(parsed):
+                return await stream(request, engine.stream(name, task, parsed, request_id=request_id), http)
+
+            async def given() -> Any:
+                return parsed
+
+            source = given
+        output = await until_disconnected(
+            request, lambda reader: engine.infer(name, task, reader, request_id=request_id), source
+        )
+        return Response(http.encode(output), media_type="application/json")
+
+    schema = inline_definitions(answer_schema(http.answer_type))
+    ok: dict[str, Any] = {"description": "the answer", "content": {"application/json": {"schema": schema}}}
+    if http.streams:
+        ok["content"]["text/event-stream"] = {
+            "schema": {"type": "string", "description": "server-sent events: token ..., then done (the answer above) "
+                       "or error"}
+        }  # fmt: skip
+    router.add_api_route(
+        f"/v1/models/{{name}}/{task}",
+        infer,
+        methods=["POST"],
+        name=task,
+        tags=["inference"],
+        dependencies=[Depends(require_api_key)],
+        summary=http.summary,
+        responses={200: ok, **error_responses(**{f"e{status}": text for status, text in http.errors.items()})},
+        openapi_extra={"requestBody": http.openapi_body()},
+    )
+
+
+def sse(event: str, data: bytes) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+async def stream(request: Request, events: AsyncIterator[StreamEvent], http: TaskHttp) -> Response:
+    """Server-sent events: one per event the model emits (its dataclass as JSON), then ``done``
+    (the answer) or ``error``. Errors before the request's batch starts keep their status."""
+    request_id = request.state.request_id
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            event: StreamEvent | None = first
+            while event is not None:
+                if event.kind == "done":
+                    yield sse("done", http.encode(event.data))
+                elif event.kind == "error":
+                    exc = event.data
+                    code, message = (exc.code, exc.message) if isinstance(exc, EngineError) else ("error", str(exc))
+                    error = {"error": {"code": code, "message": message, "request_id": request_id}}
+                    yield sse("error", json.dumps(error, ensure_ascii=False).encode())
+                elif event.data is not None:  # "start" carries nothing for the client
+                    yield sse(event.kind, to_json(event.data))
+                event = await anext(events, None)
+        finally:
+            await events.aclose()  # stops decoding this request when the client left
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,42 @@
+"""What every command line shares (``serve`` and each task's train / evaluate commands): common
+flags, the logging set-up, and how a run was started."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from app.config import DEFAULT_MODELS_DIR
+
+# Third-party loggers that narrate at INFO what only matters when debugging (the ONNX
+# exporter prints every optimisation pass): WARNING and up unless EQUISERVE_LOG_LEVEL=debug.
+CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "onnxruntime", "httpx", "transformers", "accelerate")
+
+
+def add_models_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help=f"model repository (default: {DEFAULT_MODELS_DIR})"
+    )
+
+
+def add_device(parser: argparse.ArgumentParser, default: str = "cpu") -> None:
+    parser.add_argument("--device", default=default, choices=("auto", "cpu", "cuda"), help=f"default: {default}")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """How this run was started, for the reports it writes."""
+    return "python -m app " + shlex.join(args.argv)
+
+
+def configure_logging(level: str | int = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def configure_server_logging(level: str) -> None:
+    configure_logging(level.upper())
+    if level != "debug":
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
