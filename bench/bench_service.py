@@ -268,7 +268,7 @@ async def engine_closed_loop(
             latency = time.perf_counter() - t0
             records.append(
                 loadgen.Record(rid, "engine", t0 - started, latency, 200, True, batch_size=timing.batch_size,
-                               queue_ms=timing.queue_s * 1e3, inference_ms=timing.inference_s * 1e3)
+                               queue_ms=timing.queue_ms, inference_ms=timing.inference_ms)
             )  # fmt: skip
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))

@@ -12,7 +12,7 @@ from app.equivariance import Method
 from app.tasks.act.cli import main
 from app.tasks.act.messages import ActRequest
 from app.tasks.act.training import DQNConfig, load_qnet, train_dqn
-from tests.test_act_runner import load_runner, read_act_spec, write_tiny_agent
+from tests.acttools import load_runner, read_act_spec, write_tiny_agent
 
 
 def test_train_dqn_writes_a_servable_entry(

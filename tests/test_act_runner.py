@@ -11,49 +11,18 @@ from pydantic import ValidationError
 
 from app.config import DEFAULT_MODELS_DIR
 from app.equivariance import Method
-from app.equivariance.lambda_net import LambdaNet
 from app.errors import InvalidInput
 from app.repository import ModelLoadError
 from app.tasks.act import model as runner_module
 from app.tasks.act.messages import ActRequest
 from app.tasks.act.model import ActItem, ActModel
-from app.tasks.act.qnet import QNet
 from app.tasks.act.spec import ActSpec
-from app.tasks.act.symmetries import GRID_ENV_ID, symmetry
+from app.tasks.act.symmetries import GRID_ENV_ID
 from app.tasks.base import LoadOptions, Timing
+from tests.acttools import load_runner, read_act_spec, write_tiny_agent
 from tests.apptools import with_limits
 
 SHIPPED = ("dqn-cartpole", "dqn-acrobot", "dqn-grid")
-
-
-def write_tiny_agent(root: Path, env_id: str = "CartPole-v1", name: str = "tiny-agent", seed: int = 0) -> Path:
-    """A model folder with a random 8-unit Q-network and a random λ-net."""
-    torch.manual_seed(seed)
-    sym = symmetry(env_id)
-    folder = root / name
-    folder.mkdir(parents=True)
-    QNet(sym.obs_dim, sym.n_actions, (8,)).save(folder / "qnet.safetensors")
-    from safetensors.torch import save_file
-
-    save_file(LambdaNet(8).state_dict(), str(folder / "lambda_net.safetensors"))
-    spec = {
-        "task": "act",
-        "env": env_id,
-        "group": sym.group_name,
-        "backbone": {"family": "mlp", "options": {"hidden": [8]}},
-        "lambda_net": "lambda_net.safetensors",
-        "default_method": "equizero",
-    }
-    (folder / "model.yaml").write_text(yaml.safe_dump(spec))
-    return folder
-
-
-def read_act_spec(folder: Path) -> ActSpec:
-    return ActSpec.model_validate({**yaml.safe_load((folder / "model.yaml").read_text()), "name": folder.name})
-
-
-def load_runner(folder: Path) -> ActModel:
-    return ActModel.load(folder, read_act_spec(folder), LoadOptions(device="cpu"))
 
 
 @pytest.fixture

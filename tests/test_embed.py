@@ -121,7 +121,7 @@ async def test_json_body_limits_and_errors(models_dir: Path, monkeypatch: pytest
             r = await client.post("/v1/models/tiny-embed/embed", json=body)
             assert r.status_code == status and words in r.json()["error"]["message"], (body, r.text)
         r = await client.post("/v1/models/tiny-embed/embed", content=b"{", headers={"content-type": "application/json"})
-        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        assert r.status_code == 422 and "not valid JSON: EOF while parsing" in r.json()["error"]["message"]
         r = await client.post("/v1/models/tiny-embed/classify", json={"images": [image]})
         assert r.status_code == 404 and "serves task 'embed'" in r.json()["error"]["message"]
 

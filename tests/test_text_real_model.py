@@ -50,7 +50,7 @@ async def test_served_with_its_group_and_trained_lambda(real: tuple) -> None:
 
 async def test_next_token_distributions_are_exactly_swapped(real: tuple) -> None:
     _, app = real
-    runner = app.state.engine.models["smollm2-fair"].runner
+    runner = app.state.engine.models["smollm2-fair"].decoder
     group, lm = runner.group, runner.lm
     for axis, (a, b) in {"gender": ("The man", "The woman"), "race": ("The Black person", "The White person"),
                          "orientation": ("The gay person", "The straight person")}.items():  # fmt: skip

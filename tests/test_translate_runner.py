@@ -20,18 +20,10 @@ from app.tasks.translate.model import DEFAULT_MAX_COMMANDS, TranslateModel
 from app.tasks.translate.scan import split
 from app.tasks.translate.spec import TranslateSpec
 from tests.apptools import with_limits
-from tests.translatetools import one_thread, write_tiny_translate_model  # noqa: F401 - one_thread is a fixture
+from tests.translatetools import load_runner, one_thread, read_spec, write_tiny_translate_model  # noqa: F401 - one_thread is a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHIPPED = sorted(p.parent.name for p in DEFAULT_MODELS_DIR.glob("scan-*/model.yaml"))
-
-
-def read_spec(folder: Path) -> TranslateSpec:
-    return TranslateSpec.model_validate({**yaml.safe_load((folder / "model.yaml").read_text()), "name": folder.name})
-
-
-def load_runner(folder: Path) -> TranslateModel:
-    return TranslateModel.load(folder, read_spec(folder), LoadOptions(device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,7 @@ from app.tasks.translate.training import (
     uniform_lambda_net,
 )
 from app.tasks.translate.vocab import ACTION_EOS, ACTION_PAD, ACTION_SOS
-from tests.test_translate_runner import load_runner
-from tests.translatetools import one_thread, tiny_seq2seq  # noqa: F401 - one_thread is a fixture
+from tests.translatetools import load_runner, one_thread, tiny_seq2seq  # noqa: F401 - one_thread is a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"steps": 12, "batch_size": 16, "hidden": 8, "held_out": 0.005, "eval_every": 6}

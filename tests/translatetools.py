@@ -12,7 +12,10 @@ import yaml
 from safetensors.torch import save_file
 
 from app.equivariance.lambda_net import LambdaNet
+from app.tasks.base import LoadOptions
+from app.tasks.translate.model import TranslateModel
 from app.tasks.translate.seq2seq import Seq2Seq, Seq2SeqConfig
+from app.tasks.translate.spec import TranslateSpec
 from app.tasks.translate.vocab import ACTION_EOS, ACTION_PAD, ACTION_SOS
 
 
@@ -57,3 +60,11 @@ def write_tiny_translate_model(
         spec["lambda_net"] = "lambda_net.safetensors"
     (folder / "model.yaml").write_text(yaml.safe_dump(spec))
     return folder
+
+
+def read_spec(folder: Path) -> TranslateSpec:
+    return TranslateSpec.model_validate({**yaml.safe_load((folder / "model.yaml").read_text()), "name": folder.name})
+
+
+def load_runner(folder: Path) -> TranslateModel:
+    return TranslateModel.load(folder, read_spec(folder), LoadOptions(device="cpu"))
