@@ -79,9 +79,7 @@ EXAMPLES: dict[str, TaskExample] = {
         write_tiny_translate_model,
         lambda: TranslateRequest(["jump twice"]),
         lambda: {"commands": ["jump twice"]},
-        lambda out: (
-            isinstance(out, TranslateOutput) and [r.command for r in out.results] == ["jump twice"]
-        ),
+        lambda out: isinstance(out, TranslateOutput) and [r.command for r in out.results] == ["jump twice"],
         lambda: TranslateRequest(["jump and fly"]),
     ),
     "act": TaskExample(
