@@ -20,8 +20,8 @@ from app.tasks.embed.messages import EmbedOutput, EmbedRequest
 from app.tasks.generate.messages import GenerateOutput, GenerateRequest
 from app.tasks.translate.messages import TranslateOutput, TranslateRequest
 from tests.acttools import write_tiny_agent
+from tests.generatetools import write_tiny_lm
 from tests.imagetools import png_bytes, write_tiny_model
-from tests.texttools import write_tiny_lm
 from tests.translatetools import write_tiny_translate_model
 
 

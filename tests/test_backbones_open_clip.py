@@ -72,7 +72,7 @@ def test_image_features_are_normalized(backbone: OpenClipZeroShot) -> None:
     torch.testing.assert_close(features.norm(dim=-1), torch.ones(4))
 
 
-def test_text_embeddings_normalized_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_embeddings_normalized_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     backbone = tiny()
     counter = CountingEncodeText(backbone)
     monkeypatch.setattr(backbone.model, "encode_text", counter)
@@ -88,7 +88,7 @@ def test_text_embeddings_normalized_and_cached(monkeypatch: pytest.MonkeyPatch) 
     assert counter.calls == 2
 
 
-def test_text_embedding_is_the_template_ensemble(backbone: OpenClipZeroShot) -> None:
+def test_generate_embedding_is_the_template_ensemble(backbone: OpenClipZeroShot) -> None:
     """normalize(mean_t normalize(text(t.format(label)))) for every label."""
     with torch.inference_mode():
         expected = []

@@ -104,3 +104,9 @@ def test_permutation_group_scores_are_consistent_with_relabelling() -> None:
 def test_permutation_group_rejects_non_permutations() -> None:
     with pytest.raises(ValueError, match="not a permutation"):
         PermutationGroup("bad", [[0, 0, 1]], ["bad"])
+
+
+def test_the_torch_free_group_names_are_the_groups() -> None:
+    from app.equivariance import IMAGE_GROUP_NAMES
+
+    assert IMAGE_GROUP_NAMES == IMAGE_GROUPS

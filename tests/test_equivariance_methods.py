@@ -18,6 +18,11 @@ PROBE = f"""
 import sys
 for name in {TORCH_FREE!r}:
     __import__(name)
+from app.tasks import TASKS, task_cli, task_http, task_limits
+for task in TASKS:  # every task's adapter, limits and command line, and the app with all its routes
+    task_http(task), task_limits(task), task_cli(task)
+from app.server import create_app
+create_app().openapi()
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
 

@@ -82,6 +82,7 @@ else:
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
+    from generatetools import write_tiny_lm
     from imagetools import photo, png_bytes, write_tiny_clip, write_tiny_model
     from PIL import Image
     from selenium import webdriver
@@ -91,7 +92,6 @@ else:
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.remote.webdriver import WebDriver
     from selenium.webdriver.support.ui import Select, WebDriverWait
-    from texttools import write_tiny_lm
 
     from app.api.web import build_web_router
     from app.equivariance.groups import image_group

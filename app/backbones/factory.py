@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import ImageBackbone
+if TYPE_CHECKING:  # the families import torch only when one is built
+    from .base import ImageBackbone
 
 # What create_backbone builds; other families (causal_lm, a task's own networks) are their task's.
 IMAGE_FAMILIES: tuple[str, ...] = ("efficientnet_lite", "torchvision", "open_clip", "onnx")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .choices import METHOD_NAMES, Method, ZeroLoss
+from .choices import IMAGE_GROUP_NAMES, METHOD_NAMES, Method, ZeroLoss
 
 if TYPE_CHECKING:
     from .batches import group_rows, per_group
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGE_GROUPS",
+    "IMAGE_GROUP_NAMES",
     "METHOD_NAMES",
     "Combined",
     "Copies",

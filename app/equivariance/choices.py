@@ -25,3 +25,6 @@ class ZeroLoss(str, Enum):
 
 
 METHOD_NAMES: tuple[str, ...] = tuple(m.value for m in Method)
+
+# The image groups (``groups.IMAGE_GROUPS`` holds their elements; a test keeps the two equal).
+IMAGE_GROUP_NAMES: tuple[str, ...] = ("identity", "c4", "hflip", "vflip", "rot180", "d4")

@@ -13,9 +13,9 @@ import yaml
 
 from app.backbones.factory import IMAGE_FAMILIES
 from app.command_line import add_device, add_models_dir, command_line, configure_logging
-from app.equivariance import IMAGE_GROUPS, Method, ZeroLoss
+from app.equivariance import IMAGE_GROUP_NAMES, Method, ZeroLoss
 
-from .training.features import DEFAULT_CACHE_DIR
+from .training import DEFAULT_CACHE_DIR
 
 TRAINABLE = ("head", "lambda", "backbone")
 TRAINABLE_FAMILIES = [f for f in IMAGE_FAMILIES if f in ("efficientnet_lite", "torchvision")]
@@ -72,7 +72,7 @@ def add_train_parser(commands: Any) -> None:
         help="backbone options, YAML values (e.g. --option variant=0 pretrained=true input_size=64)",
     )
     p.add_argument("--init-from", help="start from an existing model entry (its backbone, head, λ-net, group)")
-    p.add_argument("--group", choices=IMAGE_GROUPS, help="default: the init model's group, else c4")
+    p.add_argument("--group", choices=IMAGE_GROUP_NAMES, help="default: the init model's group, else c4")
     p.add_argument("--objective", choices=[m.value for m in Method], default=Method.LAMBDA.value)
     p.add_argument("--zero-loss", choices=[z.value for z in ZeroLoss], default=ZeroLoss.NEG_MAX_PROB.value)
     p.add_argument(

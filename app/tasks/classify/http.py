@@ -134,48 +134,56 @@ class ClassifyHttp(TaskHttp[ClassifyRequest, ClassifyOutput]):
         raise UnsupportedBody(f"send multipart/form-data or application/json, {shown}")
 
     def openapi_body(self) -> dict[str, Any]:
-        return {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image"],
-                        "properties": {
-                            "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                            "method": {"type": "string", "enum": list(METHOD_NAMES)},
-                            "top_k": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "description": "default: 5, or the number of labels if fewer",
-                            },
-                            "labels": {
-                                "type": "array",
-                                "items": {"type": "string"},
-                                "description": "zero-shot models: repeat the field, or send one JSON list",
-                            },
-                        },
-                    },
-                    "encoding": {"image": {"contentType": "image/*"}},
+        return image_body(
+            {
+                "method": {"type": "string", "enum": list(METHOD_NAMES)},
+                "top_k": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "default: 5, or the number of labels if fewer",
                 },
-                "application/json": {
-                    "schema": inline_definitions(body_schema(ClassifyJSON)),
-                    "examples": {
-                        "fixed labels": {
-                            "value": {"images": [{"b64": EXAMPLE_PNG_B64}], "method": "lambda", "top_k": 3}
-                        },
-                        "zero-shot": {
-                            "value": {
-                                "images": [{"b64": EXAMPLE_PNG_B64}],
-                                "method": "equizero",
-                                "top_k": 2,
-                                "labels": ["cat", "dog", "espresso"],
-                            }
-                        },
-                    },
+                "labels": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "zero-shot models: repeat the field, or send one JSON list",
                 },
             },
-        }
+            ClassifyJSON,
+            {
+                "fixed labels": {"images": [{"b64": EXAMPLE_PNG_B64}], "method": "lambda", "top_k": 3},
+                "zero-shot": {
+                    "images": [{"b64": EXAMPLE_PNG_B64}],
+                    "method": "equizero",
+                    "top_k": 2,
+                    "labels": ["cat", "dog", "espresso"],
+                },
+            },
+        )
+
+
+def image_body(fields: dict[str, Any], json_type: type, examples: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a route taking image files: a multipart form (``image`` files
+    and ``fields``) or JSON (``json_type``, base64 images), with JSON ``examples`` by name."""
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        **fields,
+                    },
+                },
+                "encoding": {"image": {"contentType": "image/*"}},
+            },
+            "application/json": {
+                "schema": inline_definitions(body_schema(json_type)),
+                "examples": {name: {"value": value} for name, value in examples.items()},
+            },
+        },
+    }
 
 
 def check_image_count(count: int, max_images: int, task: str = "classify") -> None:

@@ -22,13 +22,14 @@ from app.tasks.classify.http import (
     ImagePayload,
     check_image_count,
     form_text,
+    image_body,
     images_from_tensors,
     read_image_form,
 )
 from app.tasks.classify.messages import EncodedImage
-from app.tasks.http import Served, TaskHttp, body_schema, inline_definitions, parse_json
+from app.tasks.http import Served, TaskHttp, parse_json
 
-from .messages import EmbedOutput, EmbedRequest
+from .messages import EMBED_METHODS, EmbedOutput, EmbedRequest
 
 
 @dataclass(frozen=True)
@@ -101,26 +102,11 @@ class EmbedHttp(TaskHttp[EmbedRequest, EmbedOutput]):
         raise UnsupportedBody(f"send multipart/form-data or application/json, {shown}")
 
     def openapi_body(self) -> dict[str, Any]:
-        return {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image"],
-                        "properties": {
-                            "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                            "method": {"type": "string", "enum": ["vanilla", "equitune", "lambda"]},
-                        },
-                    },
-                    "encoding": {"image": {"contentType": "image/*"}},
-                },
-                "application/json": {
-                    "schema": inline_definitions(body_schema(EmbedJSON)),
-                    "examples": {"an image": {"value": {"images": [{"b64": EXAMPLE_PNG_B64}], "method": "lambda"}}},
-                },
-            },
-        }
+        return image_body(
+            {"method": {"type": "string", "enum": [m.value for m in EMBED_METHODS]}},
+            EmbedJSON,
+            {"an image": {"images": [{"b64": EXAMPLE_PNG_B64}], "method": "lambda"}},
+        )
 
 
 HTTP = EmbedHttp()

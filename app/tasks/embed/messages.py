@@ -15,6 +15,9 @@ from app.equivariance import Method
 from app.tasks.base import Timing
 from app.tasks.classify.messages import EncodedImage, Pixels
 
+# equizero picks the copy whose *prediction* is most confident: an embedding has no prediction.
+EMBED_METHODS = (Method.VANILLA, Method.EQUITUNE, Method.LAMBDA)
+
 
 @dataclass(frozen=True)
 class EmbedRequest:

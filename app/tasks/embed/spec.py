@@ -18,10 +18,8 @@ from pydantic import Field, model_validator
 from app.equivariance import Method
 from app.tasks.classify.spec import ClassifySpec
 
+from .messages import EMBED_METHODS
 from .settings import EmbedLimits
-
-# equizero picks the copy whose *prediction* is most confident: an embedding has no prediction.
-EMBED_METHODS = (Method.VANILLA, Method.EQUITUNE, Method.LAMBDA)
 
 
 class EmbedSpec(ClassifySpec):

@@ -38,11 +38,11 @@ from tqdm.auto import tqdm
 from app.backbones.base import ImageBackbone
 from app.backbones.datasets import ImageSet
 from app.equivariance import EquivariantModel, FiniteGroup, pool_features
+from app.tasks.classify.training import DEFAULT_CACHE_DIR
 
 log = logging.getLogger("equiserve.training")
 
 CACHE_VERSION = 1
-DEFAULT_CACHE_DIR = Path("cache/features")
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import torch
 
 from app.server import create_app
 from tests.apptools import make_settings, serving
+from tests.generatetools import one_thread, write_tiny_lm
 from tests.imagetools import write_tiny_model
-from tests.texttools import one_thread, write_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 _ = one_thread

@@ -15,7 +15,7 @@ from app.equivariance.text import CombineSpace
 from app.tasks import load_model
 from app.tasks.generate.decoding import Decoder, GenerationRequest
 from app.tasks.generate.model import GenerateModel
-from tests.texttools import one_thread, write_tiny_lm
+from tests.generatetools import one_thread, write_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 _ = one_thread

@@ -1,4 +1,4 @@
-"""The translate runner: request validation, a mixed batch with per-copy diagnostics, the spec, the
+"""The translate model: request validation, a mixed batch with per-copy diagnostics, the spec, the
 ``ServedModel`` plug (through the engine), the shipped models."""
 
 from __future__ import annotations

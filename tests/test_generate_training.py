@@ -14,7 +14,7 @@ from app.cli import main
 from app.tasks import load_model
 from app.tasks.generate.fairness import evaluate_fairness, markdown, total_variation, write_report
 from app.tasks.generate.training import load_cache, train_text_lambda
-from tests.texttools import one_thread, write_tiny_lm
+from tests.generatetools import one_thread, write_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 _ = one_thread

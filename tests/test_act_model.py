@@ -1,4 +1,4 @@
-"""The act runner: request validation, one fused pass for a mixed batch, per-copy diagnostics, the spec."""
+"""The act model: request validation, one fused pass for a mixed batch, per-copy diagnostics, the spec."""
 
 from __future__ import annotations
 
