@@ -179,3 +179,12 @@ def test_the_registry_lists_every_task_package() -> None:
 
     packages = sorted(p.parent.name for p in (APP / "tasks").glob("*/__init__.py"))
     assert sorted(TASKS) == packages == sorted(TASK_NAMES)
+
+
+def test_every_task_has_its_docs_page() -> None:
+    from app.tasks import TASKS, task_parts
+
+    for task in TASKS:
+        docs = task_parts(task).docs
+        assert docs is not None and (ROOT / docs).is_file(), task
+        assert f"/{task}" in (ROOT / docs).read_text(), f"{docs} does not show the {task} route"

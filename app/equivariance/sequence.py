@@ -55,6 +55,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .batches import group_rows
 from .groups import GroupElement, PermutationGroup
 from .lambda_net import LambdaNet
 from .methods import Method, Mixture, ZeroLoss, combine, equizero_weights, lambda_entropy
@@ -378,11 +379,11 @@ def decode(
         log_lambda = lambda_net(features[:n_copy_rows]).view(n, n_blocks).float()
     free_allowed = fixed_tokens(group.output, stabilizer(group.input, copies_src)).to(device)  # per copy row
     lock_allowed = fixed_tokens(group.output, stabilizer(group.input, plan.block_src)).to(device)  # Stab(c)
-    lock_subsets: dict[Method, Tensor] = {}
-    for m in (Method.EQUITUNE, Method.LAMBDA):
-        cols = [n_free + j for (_, method), j in plan.lock.items() if method is m]
-        if cols:
-            lock_subsets[m] = torch.tensor(cols, device=device)
+    locked = list(plan.lock.items())  # ((block, method), j): the lock-step rows, by the method they combine with
+    lock_subsets: dict[Method, Tensor] = {
+        method: torch.tensor([n_free + locked[i][1] for i in rows], device=device)
+        for method, rows in group_rows([method for (_, method), _ in locked]).items()
+    }
 
     rows_copies, rows_lock, rows_plain = (
         _Rows(count, eos_id, max_length, device) for count in (n_copy_rows, len(plan.lock), len(plan.plain))

@@ -7,5 +7,5 @@ PARTS = TaskParts(
     http=".http:HTTP",
     limits=".settings:ClassifyLimits",
     cli=".cli",
-    docs="docs/training.md",
+    docs="docs/classify.md",
 )

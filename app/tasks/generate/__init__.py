@@ -3,5 +3,9 @@
 from app.tasks import TaskParts
 
 PARTS = TaskParts(
-    model=".model:GenerateModel", http=".http:HTTP", limits=".settings:GenerateLimits", cli=".cli", docs=None
+    model=".model:GenerateModel",
+    http=".http:HTTP",
+    limits=".settings:GenerateLimits",
+    cli=".cli",
+    docs="docs/generate.md",
 )
