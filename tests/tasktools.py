@@ -45,6 +45,7 @@ class TaskExample:
     body: Callable[[], dict[str, Any]]  # the same request as JSON for POST /v1/models/{model}/{task}
     check: Callable[[Any], bool]  # the answer is this task's, for that request
     invalid: Callable[[], Any]  # a request the task refuses with InvalidInput (422)
+    many: Callable[[int], Any] | None = None  # a request of n items, for tasks whose requests hold several
 
 
 EXAMPLES: dict[str, TaskExample] = {
@@ -57,6 +58,7 @@ EXAMPLES: dict[str, TaskExample] = {
             isinstance(out, ClassifyOutput) and abs(sum(t.weight for t in out.results[0].transforms) - 1) < 1e-5
         ),
         lambda: ClassifyRequest([EncodedImage(grey_png())], method="magic"),
+        lambda n: ClassifyRequest([EncodedImage(grey_png())] * n),
     ),
     "embed": TaskExample(
         "tiny-embed",
@@ -65,6 +67,7 @@ EXAMPLES: dict[str, TaskExample] = {
         lambda: {"images": [{"b64": base64.b64encode(grey_png()).decode()}]},
         lambda out: isinstance(out, EmbedOutput) and abs(float(np.linalg.norm(out.results[0].embedding)) - 1) < 1e-5,
         lambda: EmbedRequest([EncodedImage(grey_png())], method="equizero"),
+        lambda n: EmbedRequest([EncodedImage(grey_png())] * n),
     ),
     "generate": TaskExample(
         "tinylm",
@@ -81,6 +84,7 @@ EXAMPLES: dict[str, TaskExample] = {
         lambda: {"commands": ["jump twice"]},
         lambda out: isinstance(out, TranslateOutput) and [r.command for r in out.results] == ["jump twice"],
         lambda: TranslateRequest(["jump and fly"]),
+        lambda n: TranslateRequest(["jump twice"] * n),
     ),
     "act": TaskExample(
         "tiny-agent",
@@ -89,6 +93,7 @@ EXAMPLES: dict[str, TaskExample] = {
         lambda: {"observations": [[0.01, 0.02, -0.03, 0.04]]},
         lambda out: isinstance(out, ActOutput) and len(out.results[0].q_values) == 2,
         lambda: ActRequest([[0.0, 0.0, 0.0]]),
+        lambda n: ActRequest([[0.01, 0.02, -0.03, 0.04]] * n),
     ),
 }
 

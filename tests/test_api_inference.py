@@ -58,3 +58,18 @@ def test_every_task_documents_its_route() -> None:
         assert operation["summary"] == task_http(task).summary
         assert {"200", "401", "404", "413", "422", "429", "503", "504"} <= set(operation["responses"])
         assert "content" in operation["requestBody"] and json.dumps(operation["requestBody"])
+
+
+async def test_the_access_log_escapes_what_the_request_puts_in_it(
+    models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A percent-encoded newline or NUL in the path decodes to one: it must not start a forged line."""
+    import logging
+
+    async with serving(make_settings(models_dir, warmup=False)) as (client, _):
+        with caplog.at_level(logging.INFO, logger="equiserve.access"):
+            r = await client.post("/v1/models/x%0Arequest_id=forged%20GET%20%2F%20status=200%00/classify", json={})
+            assert r.status_code == 404
+        lines = [rec.getMessage() for rec in caplog.records if rec.name == "equiserve.access"]
+        (line,) = [m for m in lines if "forged" in m]
+        assert "\n" not in line and "\x00" not in line and "\\n" in line and "\\x00" in line

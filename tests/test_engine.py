@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from app.engine.engine import Engine
-from app.errors import DeadlineExceeded, InvalidInput, ModelNotFound, NotReady, QueueFull
+from app.errors import DeadlineExceeded, InvalidInput, ModelNotFound, NotReady, QueueFull, TooLarge
 from app.tasks import TASKS
 from tests.apptools import make_settings
 from tests.tasktools import EXAMPLES, write_every_task
@@ -84,10 +84,24 @@ async def test_admission_refuses_what_would_only_wait_past_its_deadline(models_d
     name, request = example(task)
     async with running(models_dir, request_timeout_s=5.0) as engine:
         await engine.infer(name, task, request())  # a batch ran: the engine knows how long one takes
-        engine.batchers[name]._last_batch_s = 10.0  # pretend batches take 10 s
+        batcher = engine.batchers[name]
+        batcher._last_batch_s, batcher._busy = 10.0, True  # pretend a 10 s batch is running
         with pytest.raises(QueueFull, match="overloaded"):
             await engine.infer(name, task, request())
         assert engine.metrics.rejected.labels(name, "queue_full")._value.get() == 1
+        batcher._busy = False  # it ended: the model is idle, and a stale 10 s estimate locks nobody out
+        assert EXAMPLES[task].check(await engine.infer(name, task, request()))
+
+
+@pytest.mark.parametrize("task", [t for t in TASK_NAMES if EXAMPLES[t].many is not None])
+async def test_more_items_than_the_queue_holds_is_413_at_once(models_dir: Path, task: str) -> None:
+    """It could never be queued, however long the client waited: 413, not a 429 to retry."""
+    many = EXAMPLES[task].many
+    assert many is not None
+    async with running(models_dir, queue_size=1) as engine:
+        with pytest.raises(TooLarge, match="holds 1"):
+            await engine.infer(EXAMPLES[task].model, task, many(2))
+        assert engine.idle
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from app.engine.batcher import DynamicBatcher
-from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, TooLarge
 
 
 class Recorder:
@@ -230,10 +230,28 @@ async def test_admission_sheds_what_would_miss_its_deadline() -> None:
     batcher = await started(handler, max_batch_size=1, max_wait_s=0.0, queue_size=100)
     batcher.check_admission(5, timeout_s=0.1)  # no batch measured yet: nothing to predict from
     await batcher.submit(1, 5)  # one batch measured: ~0.2 s per batch of one
-    assert 0.15 < batcher.predicted_wait_s(1) < 1.0
-    batcher.check_admission(1, timeout_s=5.0)
+    assert batcher.predicted_wait_s(1) == 0  # idle: its batch starts at once
+    assert 0.15 < batcher.predicted_wait_s(2) < 1.0  # the second item's batch starts after the first's
+    batcher.check_admission(1, timeout_s=0.01)
     with pytest.raises(QueueFull, match="overloaded"):
-        batcher.check_admission(3, timeout_s=0.3)  # three batches in front of the last: ~0.6 s
-    with pytest.raises(QueueFull, match="full"):
+        batcher.check_admission(3, timeout_s=0.3)  # two batches in front of the last: ~0.4 s
+    with pytest.raises(TooLarge, match="holds 100"):  # could never be queued: 413, not a 429 to retry
         batcher.check_admission(101, timeout_s=100)
+    await batcher.close()
+
+
+async def test_no_history_of_slow_batches_locks_an_idle_model_out() -> None:
+    """Whatever the batches before took, an idle model admits what it can start at once: the
+    prediction that refused requests while work was queued must not outlive that work."""
+    handler = Recorder(delay_s=0.0)
+    batcher = await started(handler, max_batch_size=4, max_wait_s=0.0, queue_size=16)
+    for last_batch_s in (0.0, 0.5, 35.0, 1e6):
+        batcher._last_batch_s = last_batch_s  # as a batch of that length would have left it
+        for n_items in (1, 2, 4):  # at most one batch: it starts as soon as it is queued
+            batcher.check_admission(n_items, timeout_s=0.001)
+        assert await batcher.submit(7, 5)  # and it is answered
+        batcher._last_batch_s = last_batch_s
+        if last_batch_s > 0.01:
+            with pytest.raises(QueueFull, match="overloaded"):
+                batcher.check_admission(5, timeout_s=0.001)  # a second batch would wait for the first
     await batcher.close()

@@ -30,6 +30,14 @@ QUIET_PATHS = ("/health/", "/v2/health/", "/metrics")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
+def printable(text: str) -> str:
+    """``text`` for a log line: control characters (a percent-encoded newline or NUL in a URL
+    path decodes to one) and other unprintable ones escaped, so a request cannot forge a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body over {limit} bytes (EQUISERVE_MAX_BODY_BYTES)")
@@ -107,7 +115,8 @@ class RequestContextMiddleware:
             # outcome only, never image bytes, labels or prompts.
             level = logging.DEBUG if path.startswith(QUIET_PATHS) else logging.INFO
             log.log(level, "request_id=%s %s %s status=%d bytes=%d ms=%.1f",
-                    request_id, scope.get("method", "-"), path, status, received, seconds * 1000)  # fmt: skip
+                    request_id, printable(scope.get("method", "-")), printable(path), status, received,
+                    seconds * 1000)  # fmt: skip
 
     def _labels(self, match: re.Match[str]) -> tuple[str, str]:
         """(model, endpoint) labels; names that are not served count as "unknown" (bounded series)."""

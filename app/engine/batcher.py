@@ -29,7 +29,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, TooLarge
 
 from .priority import lower_this_thread
 
@@ -188,14 +188,22 @@ class DynamicBatcher(Generic[T, R]):
         return self.queue_size - len(self._queue)
 
     def predicted_wait_s(self, n_items: int) -> float:
-        """How long ``n_items`` more would wait, from the last batch's duration (0 before any):
-        the batch in flight plus every full batch queued in front of them and their own."""
-        batches = -(-(len(self._queue) + n_items) // self.max_batch_size)  # ceil
-        return (batches + int(self._busy)) * self._last_batch_s
+        """How long the last of ``n_items`` more would wait for its batch to *start* (where its
+        deadline ends), from the last batch's duration (0 before any): the batch in flight, then
+        every batch ahead of the one that takes its last item. An idle model predicts 0, so one
+        slow batch long ago can never refuse a request the model could start at once."""
+        batches_ahead = -(-(len(self._queue) + n_items) // self.max_batch_size) - 1  # ceil, less its own
+        return (batches_ahead + int(self._busy)) * self._last_batch_s
 
     def check_admission(self, n_items: int, timeout_s: float) -> None:
-        """Refuse (``QueueFull``, 429) ``n_items`` that do not fit the queue, or that would
-        only wait past their deadline: shedding at once beats accepting and answering 504."""
+        """Refuse ``n_items`` that could never be queued (``TooLarge``, 413), that do not fit the
+        queue now (``QueueFull``, 429), or that would only wait past their deadline (429):
+        shedding at once beats accepting and answering 504."""
+        if n_items > self.queue_size:
+            raise TooLarge(
+                f"{n_items} items in one request; the queue of {self.name!r} holds {self.queue_size} "
+                "(EQUISERVE_QUEUE_SIZE)"
+            )
         if self.free_slots() < n_items:
             raise QueueFull(f"the queue of {self.name!r} is full", self.retry_after_s())
         wait = self.predicted_wait_s(n_items)
