@@ -98,6 +98,8 @@ def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
         raise TensorError(f"the inference request is not valid JSON (or nested too deeply): {exc}") from exc
     if not isinstance(request, dict):
         raise TensorError("the inference request must be a JSON object")
+    if b"\\u" in header and not _unicode(request):  # only an escape can make a lone surrogate
+        raise TensorError("the inference request holds text that is not valid Unicode (a lone UTF-16 surrogate)")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise TensorError("'id' must be a string")
@@ -120,6 +122,25 @@ def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
     raw_outputs = request.get("outputs")
     outputs = None if raw_outputs in (None, []) else _requested_outputs(raw_outputs, binary_output)
     return InferBody(request_id, inputs, parameters, outputs, binary_output)
+
+
+def _unicode(node: Any) -> bool:
+    """Whether every string in a parsed JSON value is valid Unicode: ``json`` accepts a lone
+    surrogate escape (``"\\ud800"``), which no UTF-8 text, log line or tokenizer can hold."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _parameters(value: Any, where: str) -> dict[str, Any]:

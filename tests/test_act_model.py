@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -187,3 +188,15 @@ def test_shipped_agents_load_and_are_equivariant(name: str) -> None:
             moved = runner.model.predict(group.act(obs, g), method).output
             torch.testing.assert_close(moved, group.act_q(base, g), rtol=1e-5, atol=1e-5)
     runner.warmup(4)
+
+
+def test_states_whose_q_values_overflow_are_refused_not_answered_with_inf() -> None:
+    runner = load_runner(DEFAULT_MODELS_DIR / "dqn-cartpole")  # the shipped agent: 256-unit layers
+    huge = [[3e38, 3e38, 3e38, 3e38]]  # finite float32, far outside any CartPole state
+    with torch.no_grad():
+        raw = runner.model.head(runner.model.encoder(torch.tensor(huge)))
+    assert not torch.isfinite(raw).all()  # the network overflows on it: the check below can fail
+    items = runner.split(ActRequest([*huge, [0.01, 0.02, 0.03, 0.04]], "lambda"))
+    overflowed, fine = runner(items)
+    assert isinstance(overflowed, InvalidInput) and "overflow" in str(overflowed)
+    assert not isinstance(fine, BaseException) and all(np.isfinite(fine.q_values))

@@ -38,6 +38,9 @@ async def test_every_task_is_served_by_the_one_route(models_dir: Path, task: str
         # the key is checked before the body is read: a malformed body without it is a 401
         r = await client.post(url, content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        if task_http(task).v2 is not None:  # the same for the Open Inference Protocol's route
+            r = await client.post(f"/v2/models/{example.model}/infer", content=b"{not json")
+            assert r.status_code == 401 and "API key" in r.json()["error"]
         r = await client.post(url, content=b"{not json", headers={**auth, "content-type": "application/json"})
         assert r.status_code in (415, 422) and r.json()["error"]["message"], r.text
         r = await client.post(f"/v1/models/nope/{task}", json=example.body(), headers=auth)

@@ -264,6 +264,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
     ("top_k too big", {**JSON_IMAGE, "parameters": {"top_k": 9}}, 400, "top_k must be between 1 and 3"),
     ("unknown parameter", {**JSON_IMAGE, "parameters": {"temperature": 1}}, 400, "unknown request parameter"),
     ("not JSON", (b"{inputs", {}), 400, "not valid JSON"),
+    ("lone surrogate in the id", {**JSON_IMAGE, "id": "\ud800"}, 400, "not valid Unicode"),
     ("bad header length", (b'{"inputs": []}', {"Inference-Header-Content-Length": "99"}), 400, "must be between"),
 ]  # fmt: skip
 

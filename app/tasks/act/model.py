@@ -124,9 +124,11 @@ class ActModel(ServedModel[ActRequest, ActItem, ActItem, ActResult, ActOutput]):
         entropies = lambda_entropy(torch.softmax(log_lambda.float(), dim=0)).cpu().tolist()
         copy_actions = aligned.argmax(-1).cpu()  # [n, B]: each copy's choice, in the state's frame
         copy_max = aligned.amax(-1).cpu()
+        # States far outside the environment's range overflow the network: refuse, never answer inf/NaN.
+        finite = torch.isfinite(aligned).all(-1).all(0).cpu().tolist()  # [B]
         names = self.transforms
 
-        def answer(method: Method, rows: list[int]) -> list[ActResult]:
+        def answer(method: Method, rows: list[int]) -> list[ActResult | BaseException]:
             index = torch.tensor(rows, device=aligned.device)
             combined = combine_q(aligned.index_select(1, index), method, log_lambda=log_lambda.index_select(1, index))
             q_values = combined.output.cpu()
@@ -134,7 +136,12 @@ class ActModel(ServedModel[ActRequest, ActItem, ActItem, ActResult, ActOutput]):
             weights = combined.weights.cpu().T.tolist()  # [b, n]
             selected = combined.selected.cpu().tolist() if combined.selected is not None else None
             return [
-                ActResult(
+                InvalidInput(
+                    "the Q-values of an observation overflow (not finite): its values are far outside "
+                    f"what a {self.spec.env} state holds"
+                )
+                if not finite[row]
+                else ActResult(
                     q_values[c].tolist(),
                     actions[c],
                     [
