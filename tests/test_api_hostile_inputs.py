@@ -123,7 +123,8 @@ async def test_corpus(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None
         # fields
         good = [("image", ("f", ACCEPTED["1x1"](), "image/png"))]
         for data, status in [({"method": "bogus"}, 422), ({"top_k": "-1"}, 422), ({"top_k": "99999"}, 422),
-                             ({"top_k": "1e9"}, 422), ({"labels": ["x"] * 5000}, 413)]:  # fmt: skip
+                             ({"top_k": "1e9"}, 422), ({"labels": ["x"] * 5000}, 413),
+                             ({"labels": "[" * 100_000 + "]" * 100_000}, 422)]:  # fmt: skip
             r = await client.post(URL, files=good, data=data)
             assert r.status_code == status, (data, r.text)
         r = await client.post("/v1/models/..%2F..%2Fetc/classify", files=good)

@@ -296,6 +296,25 @@ def test_errors_through_the_clients(server: str) -> None:
     assert r.status_code == 415 and "uncompressed" in r.json()["error"]
     r = httpx.post(f"{server}/v2/models/tiny/versions/3/infer", json=JSON_IMAGE)
     assert r.status_code == 404 and "no version '3'" in r.json()["error"]
+    # a /v2 route equiserve does not have answers in the protocol's shape too: the client can print it
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_model_repository_index()
+    assert caught.value.status() == "404" and "Not Found" in str(caught.value)
+    r = httpx.get(f"{server}/v2/models/tiny/nothing")
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)
+    r = httpx.get(f"{server}/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"  # /v1 keeps its own
+
+
+def test_errors_written_before_the_app_follow_the_protocol_of_the_path() -> None:
+    from app.api.middleware import error_json
+
+    v1, _ = error_json(413, "too_large", "request body over 10 bytes", "id-1")
+    v2, _ = error_json(413, "too_large", "request body over 10 bytes", "id-1", v2=True)
+    assert json.loads(v1) == {
+        "error": {"code": "too_large", "message": "request body over 10 bytes", "request_id": "id-1"}
+    }
+    assert json.loads(v2) == {"error": "request body over 10 bytes"}
 
 
 # -- with a stand-in engine (no model to load): the engine's refusals, and generate ----------------

@@ -58,9 +58,17 @@ def status_of(exc: EngineError) -> int:
 
 
 def error_response(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """The error in the shape of the request's protocol: ``/v2/...`` (every path, served or not)
+    gets the Open Inference Protocol's ``{"error": message}``, everything else ``/v1``'s."""
+    if is_v2(request.url.path):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
     request_id = getattr(request.state, "request_id", None)
     body = {"error": {"code": code, "message": message, "request_id": request_id}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -44,8 +44,10 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
-def error_json(status: int, code: str, message: str, request_id: str | None) -> tuple[bytes, list]:
-    body = json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode()
+def error_json(status: int, code: str, message: str, request_id: str | None, *, v2: bool = False) -> tuple[bytes, list]:
+    """An error body written before the app runs, in /v1's shape or (``v2``) the protocol's."""
+    error = message if v2 else {"code": code, "message": message, "request_id": request_id}
+    body = json.dumps({"error": error}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if request_id:
         headers.append((b"x-request-id", request_id.encode()))
@@ -124,8 +126,13 @@ class RequestContextMiddleware:
         return (name if name in self.served_models() else "unknown"), endpoint
 
     async def _reject(self, scope: Scope, send: Send, request_id: str) -> None:
+        path = scope.get("path", "")
         body, headers = error_json(
-            413, "too_large", f"request body over {self.max_body_bytes} bytes (EQUISERVE_MAX_BODY_BYTES)", request_id
+            413,
+            "too_large",
+            f"request body over {self.max_body_bytes} bytes (EQUISERVE_MAX_BODY_BYTES)",
+            request_id,
+            v2=path == "/v2" or path.startswith("/v2/"),
         )
         match = INFERENCE_PATH.match(scope.get("path", ""))
         if match is not None:
