@@ -30,14 +30,22 @@ with learned weights λ (λ-equitune).
 """
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, *, load_in_background: bool = False
+) -> FastAPI:
+    """The app. ``load_in_background``: the lifespan starts loading the models and returns at once,
+    so the server listens (health answers, inference is 503) while they load; what ``serve`` does.
+    Without it the lifespan returns once every model is loaded and warm (tests, Ray replicas)."""
     settings = settings or Settings()
     engine = engine or Engine(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
-        log.info("ready: serving %s", ", ".join(engine.models))
+        if load_in_background:
+            engine.start_in_background()
+        else:
+            await engine.start()
+            log.info("ready: serving %s", ", ".join(engine.models))
         try:
             yield
         finally:

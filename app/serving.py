@@ -86,10 +86,11 @@ def serve(settings: Settings) -> int:
         return serve_processes(settings)
     from app.server import create_app
 
-    app = create_app(settings)
-    server = DrainingServer(uvicorn_config(app, settings), app.state.engine, settings.drain_timeout_s)
+    app = create_app(settings, load_in_background=True)
+    engine = app.state.engine
+    server = DrainingServer(uvicorn_config(app, settings), engine, settings.drain_timeout_s)
     server.run(listening_socket(settings) if settings.reuse_port else None)
-    return 0 if server.started else 1
+    return 0 if server.started and engine.load_error is None else 1
 
 
 def listening_socket(settings: Settings) -> socket.socket:
@@ -227,6 +228,8 @@ class DrainingServer:
                 super().handle_exit(sig, frame)
 
             async def on_tick(self, counter: int) -> bool:
+                if engine_ref.load_error is not None:  # a model did not load: stop, to exit non-zero
+                    self.should_exit = True
                 if self.drain_started is not None:
                     waited = time.monotonic() - self.drain_started
                     if engine_ref.idle or waited > timeout:

@@ -175,3 +175,68 @@ def test_killing_the_supervisor_stops_its_processes(tiny_models_dir: Path) -> No
         process.wait()
         gone = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=60)[1]
         assert not gone, f"still running after the supervisor died: {gone}"
+
+
+def test_the_server_listens_while_its_models_load(tiny_models_dir: Path) -> None:
+    """live 200 and ready 503 with the progress from the start (a Kubernetes probe never meets a
+    closed port); inference 503 until ready. A model.yaml that is a named pipe holds the loading
+    until the test writes it, so every state is seen for certain."""
+    import os
+    import threading
+
+    slow = tiny_models_dir / "slow"
+    slow.mkdir()
+    for name in ("trunk.safetensors", "head.safetensors", "lambda_net.safetensors"):
+        (slow / name).symlink_to(tiny_models_dir / "tiny" / name)
+    os.mkfifo(slow / "model.yaml")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with start_server(tiny_models_dir, port, "--models", "tiny,slow") as process:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, process.output()
+            try:
+                ready = httpx.get(f"{base}/health/ready", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.1)
+                continue
+            if ready.json().get("loaded") == ["tiny"]:
+                break
+            time.sleep(0.1)
+        assert ready.status_code == 503
+        assert ready.json() == {"status": "loading", "ready": False, "loaded": ["tiny"], "pending": ["slow"]}
+        assert httpx.get(f"{base}/health/live").status_code == 200
+        assert httpx.head(f"{base}/health/live").status_code == 200
+        assert httpx.head(f"{base}/health/ready").status_code == 503
+        assert httpx.get(f"{base}/v2/health/ready").status_code == 503
+        image = png_bytes(np.zeros((8, 8, 3), np.uint8))
+        r = httpx.post(f"{base}/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        writer = threading.Thread(
+            target=lambda: (slow / "model.yaml").write_text((tiny_models_dir / "tiny" / "model.yaml").read_text())
+        )
+        writer.start()
+        wait_ready(base, process)
+        writer.join()
+        r = httpx.post(f"{base}/v1/models/slow/classify", files=[("image", ("a.png", image, "image/png"))])
+        assert r.status_code == 200, r.text
+
+
+def test_sigterm_while_loading_stops_at_once(tiny_models_dir: Path) -> None:
+    import os
+
+    os.mkfifo(tiny_models_dir / "tiny" / "model.yaml.pipe")
+    (tiny_models_dir / "stuck").mkdir()
+    os.rename(tiny_models_dir / "tiny" / "model.yaml.pipe", tiny_models_dir / "stuck" / "model.yaml")  # never written
+    port = free_port()
+    with start_server(tiny_models_dir, port, "--models", "stuck") as process:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, process.output()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, process.output()

@@ -14,20 +14,28 @@ from .schemas import Health, ModelCard, ModelList
 def build_router() -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health/live", response_model=Health, response_model_exclude_none=True, tags=["health"])
-    @router.get("/v2/health/live", response_model=Health, response_model_exclude_none=True, include_in_schema=False)
+    # GET and HEAD: probes and load balancers send either.
+    @router.api_route("/health/live", methods=["GET", "HEAD"], response_model=Health,
+                      response_model_exclude_none=True, tags=["health"])  # fmt: skip
+    @router.api_route("/v2/health/live", methods=["GET", "HEAD"], response_model=Health,
+                      response_model_exclude_none=True, include_in_schema=False)  # fmt: skip
     async def live() -> Health:
         return Health(status="ok", live=True)
 
-    @router.get("/health/ready", response_model=Health, tags=["health"], responses={503: {"model": Health}})
-    @router.get("/v2/health/ready", response_model=Health, tags=["health"], include_in_schema=False)
+    @router.api_route("/health/ready", methods=["GET", "HEAD"], response_model=Health, tags=["health"],
+                      responses={503: {"model": Health}})  # fmt: skip
+    @router.api_route("/v2/health/ready", methods=["GET", "HEAD"], response_model=Health, include_in_schema=False)
     async def ready(request: Request) -> Response:
         engine = engine_of(request)
         # "ready" is the field the Open Inference Protocol's clients read; "status" says why.
         if engine.draining:
             return JSONResponse({"status": "draining", "ready": False}, status_code=503)
+        if engine.load_error is not None:
+            body = {"status": "failed", "ready": False, "error": str(engine.load_error)}
+            return JSONResponse(body, status_code=503)
         if not engine.ready:
-            return JSONResponse({"status": "loading", "ready": False}, status_code=503)
+            body = {"status": "loading", "ready": False, "loaded": engine.loaded, "pending": engine.pending}
+            return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok", "ready": True})
 
     @router.get("/v1/models", response_model=ModelList, response_model_exclude_unset=True, tags=["models"])

@@ -42,6 +42,9 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(examples=["ok", "loading", "draining"])
+    status: str = Field(examples=["ok", "loading", "draining", "failed"])
     live: bool | None = Field(None, description="GET /health/live: the process runs (Open Inference Protocol)")
     ready: bool | None = Field(None, description="GET /health/ready: every model loaded and warmed up")
+    loaded: list[str] | None = Field(None, description="while loading: the models loaded and warm so far")
+    pending: list[str] | None = Field(None, description="while loading: the models still to load")
+    error: str | None = Field(None, description="status failed: why a model did not load (the server exits)")

@@ -43,7 +43,7 @@ from app.errors import (
 from app.metrics import Metrics
 from app.repository import list_models, model_dir
 from app.runtime.memory import release_free_memory
-from app.tasks import load_model, read_spec, task_class
+from app.tasks import read_spec, task_class
 from app.tasks.base import LoadOptions, ServedModel, Timing
 
 from .batcher import Arrival, BatchInfo, DynamicBatcher
@@ -76,6 +76,10 @@ class Engine:
         )
         self._inflight = 0
         self._memory_task: asyncio.Task | None = None
+        self._start_task: asyncio.Task | None = None
+        self.loaded: list[str] = []  # what GET /health/ready reports while loading
+        self.pending: list[str] = []
+        self.load_error: BaseException | None = None  # a background start that failed (start_in_background)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def model_names_to_load(self) -> list[str]:
@@ -96,7 +100,8 @@ class Engine:
             torch.set_num_threads(self.settings.torch_threads)
         requested = self.settings.models is not None
         options = LoadOptions.from_settings(self.settings)
-        for name in self.model_names_to_load():
+        self.pending = list(self.model_names_to_load())
+        for name in list(self.pending):
             started = time.perf_counter()
             folder = model_dir(self.settings.models_dir, name)
             spec = read_spec(folder)
@@ -104,11 +109,14 @@ class Engine:
             if not requested and spec.optional and not kind.weights_are_local(spec):
                 log.info("skipping %s: its weights are not on this machine (EQUISERVE_MODELS=%s fetches them)",
                          name, name)  # fmt: skip
+                self.pending.remove(name)
                 continue
-            model = load_model(self.settings.models_dir, name, options=options)
+            model = kind.load(folder, spec, options)  # the spec read above: the entry is read once
             if self.settings.warmup:
                 model.warmup(model.max_batch_size(self.settings.max_batch_size))
             self.models[name] = model
+            self.pending.remove(name)
+            self.loaded.append(name)
             log.info(
                 "loaded %s (%s %s on %s, group %s = %d copies, λ %s, %s/%s, batches of up to %d) in %.1f s",
                 name, spec.task, model.backbone_name, model.runtime, spec.group, len(model.transforms),
@@ -121,10 +129,13 @@ class Engine:
     async def start(self) -> None:
         # A thread of its own, at the compute threads' priority: the onnxruntime and OpenMP
         # thread pools created while loading inherit it (app.engine.priority).
-        with ThreadPoolExecutor(
+        loader = ThreadPoolExecutor(
             1, thread_name_prefix="load", initializer=lower_this_thread, initargs=(self.settings.compute_nice,)
-        ) as loader:
+        )
+        try:
             await asyncio.get_running_loop().run_in_executor(loader, self.load)
+        finally:
+            loader.shutdown(wait=False)  # cancelled while loading (a stop): never block the loop on it
         for name, model in self.models.items():
             self.batchers[name] = self._make_batcher(model)
             self.batchers[name].start()
@@ -133,6 +144,23 @@ class Engine:
         if self.settings.memory_trim_idle_s > 0:
             self._memory_task = asyncio.get_running_loop().create_task(self._release_memory_when_idle())
         self.ready = True
+
+    def start_in_background(self) -> asyncio.Task:
+        """``start`` as a task of the running loop, so that a server answers its health routes
+        while the models load (live 200, ready 503 with the progress). A failure is logged and
+        kept in ``load_error`` (the server then exits non-zero); it never raises here."""
+
+        async def run() -> None:
+            try:
+                await self.start()
+            except Exception as exc:
+                self.load_error = exc
+                log.error("loading the models failed: %s", exc)
+            else:
+                log.info("ready: serving %s", ", ".join(self.models))
+
+        self._start_task = asyncio.get_running_loop().create_task(run(), name="engine-start")
+        return self._start_task
 
     def _make_batcher(self, model: ServedModel) -> DynamicBatcher:
         m, name = self.metrics, model.name
@@ -185,6 +213,12 @@ class Engine:
 
     async def stop(self) -> None:
         self.draining = True
+        if self._start_task is not None and not self._start_task.done():
+            # Stopped while loading: the loader thread finishes the model it is on (a thread
+            # cannot be interrupted) and the process exits; no batcher is started.
+            self._start_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._start_task
         if self._memory_task is not None:
             self._memory_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
