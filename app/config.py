@@ -24,11 +24,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="EQUISERVE_", env_file=".env", extra="ignore")
 
-    host: str = Field(
-        "127.0.0.1",
-        description="bind address: this machine only by default; 0.0.0.0 to be reachable from others "
-        "(the container image, compose and the manifests set it)",
-    )
+    host: str = Field("0.0.0.0", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port")
     models_dir: Path = Field(DEFAULT_MODELS_DIR, description="model repository: <dir>/<name>/model.yaml")
     models: Annotated[list[str] | None, NoDecode] = Field(
