@@ -66,6 +66,7 @@ async def test_equizero_over_http_translates_compositions_vanilla_never_saw() ->
     ("body", "status", "message"),
     [
         ({"commands": ["jump and fly"]}, 422, "unknown word 'fly' (word 3)"),
+        ({"commands": ["walk", "and and and"]}, 422, "command 1 is not in SCAN's grammar: 'and' (word 1)"),
         ({"commands": ["walk"] * 3}, 413, "EQUISERVE_TRANSLATE_MAX_COMMANDS"),
         ({"commands": ["jump twice and walk twice after run"]}, 422, "7 words; the limit is 6"),
         ({"commands": ["  "]}, 422, "command 0 is empty"),

@@ -46,6 +46,11 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> TranslateModel:
         ),
         (["walk", "jump and fly"], InvalidInput, r"command 1: unknown word 'fly' \(word 3\)"),
         (["Jump"], InvalidInput, "unknown word 'Jump'"),
+        (["walk", "twice twice twice"], InvalidInput, r"command 1 is not in SCAN's grammar: 'twice' \(word 1\)"),
+        (["and and and"], InvalidInput, r"'and' \(word 1\) cannot come at the start; expected walk \| look"),
+        (["jump twice twice"], InvalidInput, r"'twice' \(word 3\) cannot come after 'twice'; expected and \| after"),
+        (["walk around"], InvalidInput, r"ends too early after 'around'; expected left \| right"),
+        (["turn"], InvalidInput, "ends too early after 'turn'"),
     ],
 )
 def test_bad_requests_name_the_problem(runner: TranslateModel, commands: object, error: type, message: str) -> None:

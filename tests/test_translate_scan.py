@@ -4,12 +4,24 @@ original files when ``../shared/data/scan`` is there (only that comparison is sk
 from __future__ import annotations
 
 import gzip
+import random
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from app.tasks.translate.scan import SPLITS, all_pairs, format_pairs, parse_line, split, translations
+from app.tasks.translate.scan import (
+    COMMAND_PATTERN,
+    SPLITS,
+    NotACommand,
+    all_pairs,
+    check_command,
+    format_pairs,
+    parse_line,
+    split,
+    translations,
+)
 from app.tasks.translate.vocab import ACTIONS, ACTIONS_VOCAB, COMMAND_WORDS, COMMANDS, UnknownToken
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "scan"
@@ -109,3 +121,33 @@ def test_vocabularies_put_specials_first_and_refuse_unknown_words() -> None:
     assert info.value.token == "fly" and info.value.position == 1 and "fly" in str(info.value)
     with pytest.raises(UnknownToken):
         COMMANDS.encode(["<pad>"])  # specials are not words
+
+
+def test_the_grammar_check_and_the_pattern_are_the_grammar() -> None:
+    """Every command passes both; random word sequences pass exactly when they are commands."""
+    pattern = re.compile(COMMAND_PATTERN)
+    commands = set(translations())
+    for command in commands:
+        check_command(command.split())
+        assert pattern.search(command) and pattern.search(f" {command.replace(' ', chr(9) + ' ')}\n")
+    rng = random.Random(0)
+    words = list(COMMANDS.tokens)
+    tried = inside = 0
+    for _ in range(20_000):
+        sequence = [rng.choice(words) for _ in range(rng.randint(1, 9))]
+        command = " ".join(sequence)
+        is_command = command in commands
+        try:
+            check_command(sequence)
+            checked = True
+        except NotACommand:
+            checked = False
+        assert checked == is_command == bool(pattern.search(command)), command
+        tried, inside = tried + 1, inside + is_command
+    assert tried == 20_000 and inside > 0
+    # Near misses, which random sequences rarely hit.
+    near_misses = ("turn", "jump and", "walk around", "turn left twice thrice", "jump after after", "run left left")
+    for near in near_misses:
+        assert near not in commands and not pattern.search(near)
+        with pytest.raises(NotACommand):
+            check_command(near.split())

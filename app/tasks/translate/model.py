@@ -24,6 +24,7 @@ from app.tasks.base import LoadOptions, ServedModel, Timing
 
 from .groups import scan_group
 from .messages import TransformDiagnostics, TranslateOutput, TranslateRequest, TranslationResult
+from .scan import NotACommand, check_command
 from .seq2seq import Seq2Seq, state_dict_config
 from .settings import TranslateLimits
 from .spec import TranslateSpec
@@ -101,7 +102,8 @@ class TranslateModel(ServedModel[TranslateRequest, TranslateItem, TranslateItem,
 
     # -- a request ------------------------------------------------------------------------------
     def split(self, request: TranslateRequest) -> list[TranslateItem]:
-        """One item per command; ``InvalidInput`` / ``TooLarge`` naming the command at fault."""
+        """One item per command of SCAN's grammar; ``InvalidInput`` / ``TooLarge`` naming the command
+        (and the word) at fault."""
         max_commands, max_command_words = self.limits.max_commands, self.limits.max_command_words
         commands = request.commands
         if isinstance(commands, str | bytes) or not isinstance(commands, Sequence) or not commands:
@@ -131,6 +133,10 @@ class TranslateModel(ServedModel[TranslateRequest, TranslateItem, TranslateItem,
                     f"command {i}: unknown word {exc.token!r} (word {exc.position + 1}); "
                     f"SCAN's words are: {' '.join(COMMANDS.tokens)}"
                 ) from exc
+            try:
+                check_command(words)
+            except NotACommand as exc:
+                raise InvalidInput(f"command {i} is not in SCAN's grammar: {exc}") from exc
             items.append(TranslateItem(" ".join(words), tuple(ids), method))
         return items
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 
 PRIMITIVES: dict[str, str] = {"walk": "I_WALK", "look": "I_LOOK", "run": "I_RUN", "jump": "I_JUMP"}
@@ -116,6 +116,66 @@ def split(name: str) -> Split:
     else:
         raise ValueError(f"unknown SCAN split {name!r}; choose from {list(SPLITS)}")
     return Split(name, tuple(train), tuple(test))
+
+
+# One SCAN command (words separated by whitespace) as a regular expression: the grammar above is
+# finite, hence regular. The OpenAPI schema states it as the commands' ``pattern``; ``check_command``
+# is the same language (tested on every command and on random word sequences) and says where a
+# command leaves it.
+_U = "(?:walk|look|run|jump)"
+_V = rf"(?:(?:{_U}|turn)\s+(?:(?:opposite|around)\s+)?(?:left|right)|{_U})"
+_S = rf"{_V}(?:\s+(?:twice|thrice))?"
+COMMAND_PATTERN = rf"^\s*{_S}(?:\s+(?:and|after)\s+{_S})?\s*$"
+
+
+class NotACommand(ValueError):
+    """Words outside SCAN's grammar: where the command leaves it and what could have come there."""
+
+    def __init__(self, words: Sequence[str], position: int, expected: Sequence[str]) -> None:
+        self.position, self.expected = position, tuple(expected)
+        choices = " | ".join(expected)
+        if position < len(words):
+            after = f"after {words[position - 1]!r}" if position else "at the start"
+            message = f"{words[position]!r} (word {position + 1}) cannot come {after}; expected {choices}"
+        else:
+            message = f"the command ends too early after {words[-1]!r}; expected {choices}"
+        super().__init__(message)
+
+
+@dataclass
+class _Node:
+    """A prefix of some commands: the words that may follow it, and whether it is a command itself."""
+
+    next: dict[str, _Node] = field(default_factory=dict)
+    complete: bool = False
+
+
+@functools.cache
+def _prefix_tree() -> _Node:
+    root = _Node()
+    for command, _ in all_pairs():
+        node = root
+        for word in command.split():
+            node = node.next.setdefault(word, _Node())
+        node.complete = True
+    return root
+
+
+def check_command(words: Sequence[str]) -> None:
+    """``NotACommand`` unless ``words`` is a command of SCAN's grammar (``"twice twice"``, ``"jump
+    and"`` and ``"turn"`` are not), naming the first word where it leaves the grammar."""
+    node = _prefix_tree()
+    for position, word in enumerate(words):
+        following = node.next.get(word)
+        if following is None:
+            raise NotACommand(words, position, _choices(node))
+        node = following
+    if not node.complete:
+        raise NotACommand(words, len(words), _choices(node))
+
+
+def _choices(node: _Node) -> list[str]:
+    return [*node.next, *(["(end)"] if node.complete else [])]
 
 
 def parse_line(line: str) -> Pair:
