@@ -61,6 +61,17 @@ class Settings(BaseSettings):
         description="idle keep-alive connections are closed after this; longer than clients' pool timeouts "
         "(httpx 5 s, aiohttp 15 s), so a client never reuses a connection the server is closing",
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection must send a request's whole header within this, from its first byte (or from "
+        "connecting), else 408 and closed: slow clients cannot hold connections open",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="longest wait for the next piece of a request body while the server reads it, else 408",
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to wait for accepted requests")
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads of torch and onnxruntime for inference (default: one per core)"

@@ -69,6 +69,7 @@ def create_app(
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
         metrics=engine.metrics,
         served_models=lambda: set(engine.models),
     )

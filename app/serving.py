@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import shutil
@@ -199,7 +200,69 @@ def uvicorn_config(app: Any, settings: Settings) -> Any:
         access_log=False,  # our middleware writes the one access line per request
         timeout_graceful_shutdown=5,
         timeout_keep_alive=settings.keep_alive_s,
+        http=header_timeout_protocol(settings.header_timeout_s),
     )
+
+
+def header_timeout_protocol(timeout_s: float) -> type:
+    """uvicorn's httptools protocol with a header timeout, which uvicorn lacks: a connection that
+    sends nothing, or a request whose header is not complete ``timeout_s`` after its first byte, is
+    answered 408 and closed. Without it a client holding partial headers (slowloris) keeps its
+    connection, and its file descriptor, forever; the ASGI app never sees such a request, so no
+    middleware can time it out. The body, once the app reads it, is timed by the middleware."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    body = b'{"error": {"code": "request_timeout", "message": "the request header took too long"}}'
+    response = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        started = False  # a byte of a request has come since the last complete header
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.arm()  # uvicorn arms its keep-alive timer only after a first response
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.started = True
+            self.arm()
+
+        def on_headers_complete(self) -> None:
+            self.started = False
+            self.disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+        def arm(self) -> None:
+            self.disarm()
+            self.header_timer = self.loop.call_later(timeout_s, self.header_timed_out)
+
+        def disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def header_timed_out(self) -> None:
+            self.header_timer = None
+            if self.transport.is_closing():
+                return
+            in_flight = self.cycle is not None and not self.cycle.response_complete
+            # A connection that never sent a byte (a browser's preconnect) is closed without a word;
+            # nor may an answer cut into a response still being written for an earlier request.
+            if self.started and not in_flight:
+                self.transport.write(response)
+            log.info("closed a connection from %s: header not complete within %.0f s", self.client, timeout_s)
+            self.transport.close()
+
+    return HeaderTimeoutProtocol
 
 
 class DrainingServer:

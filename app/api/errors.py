@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 from app.errors import EngineError, QueueFull
 from app.tasks.http import validation_message
 
-from .middleware import BodyTooLarge
+from .middleware import BodyTimeout, BodyTooLarge
 
 log = logging.getLogger("equiserve.api")
 
@@ -96,6 +96,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return error_response(request, 413, "too_large", str(exc), {"Connection": "close"})
+
+    @app.exception_handler(BodyTimeout)
+    async def body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
+        return error_response(request, 408, "request_timeout", str(exc), {"Connection": "close"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request ids, the body-size limit, request metrics, the access log.
+"""Pure ASGI middleware: request ids, the body-size limit and timeout, request metrics, the access log.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that streaming bodies are counted as they arrive
 and a client disconnect still reaches the route (which drops its queued work).
@@ -6,6 +6,7 @@ and a client disconnect still reaches the route (which drops its queued work).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -44,6 +45,11 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+class BodyTimeout(Exception):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"no part of the request body came for {timeout_s:g} s (EQUISERVE_BODY_TIMEOUT_S)")
+
+
 def error_json(status: int, code: str, message: str, request_id: str | None, *, v2: bool = False) -> tuple[bytes, list]:
     """An error body written before the app runs, in /v1's shape or (``v2``) the protocol's."""
     error = message if v2 else {"code": code, "message": message, "request_id": request_id}
@@ -60,10 +66,17 @@ class RequestContextMiddleware:
     the inference routes."""
 
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, served_models: Callable[[], set[str]]
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        metrics: Metrics,
+        served_models: Callable[[], set[str]],
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.metrics = metrics
         self.served_models = served_models
 
@@ -83,15 +96,27 @@ class RequestContextMiddleware:
             return
 
         received = 0
-        limit = self.max_body_bytes
+        limit, timeout_s = self.max_body_bytes, self.body_timeout_s
+        body_complete = False
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            # While the body is read, each piece must come within the body timeout (a client
+            # trickling its body would hold a request, and its slot, for as long as it likes);
+            # afterwards receive() only waits for the disconnect, which may take any time.
+            nonlocal received, body_complete
+            if body_complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                body_complete = not message.get("more_body", False)
+            else:
+                body_complete = True
             return message
 
         match = INFERENCE_PATH.match(scope.get("path", ""))
