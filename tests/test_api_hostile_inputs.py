@@ -15,6 +15,8 @@ from PIL import Image
 from tests.apptools import make_settings, serving, set_limits
 from tests.imagetools import photo
 
+pytestmark = pytest.mark.adversarial
+
 URL = "/v1/models/tiny/classify"
 
 

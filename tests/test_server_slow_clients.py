@@ -15,7 +15,7 @@ import pytest
 
 from tests.apptools import ServerProcess, free_port, start_server, wait_ready
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.adversarial]
 
 TIMEOUT_S = 1.0
 

@@ -61,15 +61,15 @@ async def until_disconnected(request: Request, work: Callable[[Callable[[], Awai
     items are dropped before the forward pass) and answer 499.
 
     ``reader`` reads the body with ``read_body`` when the engine asks for it (after
-    admission); only after that can the next ASGI message be the disconnect, so the
-    watcher starts listening then."""
+    admission); only after the whole body can the next ASGI message be the disconnect, so
+    the watcher starts listening then, and never after a read that failed (its error is the
+    answer; the rest of such a body is not read)."""
     body_read = asyncio.Event()
 
     async def reader() -> Any:
-        try:
-            return await read_body()
-        finally:
-            body_read.set()
+        body = await read_body()  # a body that fails to read (too large, too slow) fails the work itself
+        body_read.set()
+        return body
 
     async def disconnected() -> None:
         await body_read.wait()
