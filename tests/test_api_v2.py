@@ -346,8 +346,8 @@ async def stub_client(engine: StubEngine, **settings: Any) -> AsyncIterator[http
     app = FastAPI()  # built like create_app, without the lifespan that would load models
     app.state.settings, app.state.engine = make_settings(Path("."), **settings), engine
     app.include_router(build_v2_router())
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=1 << 20, metrics=engine.metrics,
-                       served_models=lambda: set(engine.models))  # fmt: skip
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=1 << 20, body_timeout_s=30,
+                       metrics=engine.metrics, served_models=lambda: set(engine.models))  # fmt: skip
     install_error_handlers(app)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)

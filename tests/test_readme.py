@@ -24,6 +24,17 @@ def test_configuration_table_lists_every_setting() -> None:
         assert f"| `EQUISERVE_{name.upper()}` | `--{name.replace('_', '-')}` |" in README, name
 
 
+def test_task_limits_table_lists_every_limit_of_every_task() -> None:
+    """Each task's row(s) in the task limits table name each of its limits, and no limit that is gone."""
+    from app.tasks import TASKS, task_limits
+
+    rows: dict[str, set[str]] = {}
+    for task, names in re.findall(r"^\| (\w+) \| (`[A-Z_`, ]+`) \|", README, flags=re.M):
+        rows.setdefault(task, set()).update(re.findall(r"`([A-Z_]+)`", names))
+    for task in TASKS:
+        assert rows.get(task) == {name.upper() for name in task_limits(task).model_fields}, task
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     """CI calls exactly the one test command the README gives a new user, and that command
     installs what the tests need before it runs them."""

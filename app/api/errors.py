@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 from app.errors import EngineError, QueueFull
 from app.tasks.http import validation_message
 
-from .middleware import BodyTimeout, BodyTooLarge
+from .middleware import BodyTimeout, BodyTooLarge, is_v2
 
 log = logging.getLogger("equiserve.api")
 
@@ -65,10 +65,6 @@ def error_response(request: Request, status: int, code: str, message: str, heade
     request_id = getattr(request.state, "request_id", None)
     body = {"error": {"code": code, "message": message, "request_id": request_id}}
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def is_v2(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
 
 
 def install_error_handlers(app: FastAPI) -> None:

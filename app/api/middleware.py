@@ -39,6 +39,11 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def is_v2(path: str) -> bool:
+    """Whether a path is the Open Inference Protocol's, whose errors have their own shape."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
 class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body over {limit} bytes (EQUISERVE_MAX_BODY_BYTES)")
@@ -157,7 +162,7 @@ class RequestContextMiddleware:
             "too_large",
             f"request body over {self.max_body_bytes} bytes (EQUISERVE_MAX_BODY_BYTES)",
             request_id,
-            v2=path == "/v2" or path.startswith("/v2/"),
+            v2=is_v2(path),
         )
         match = INFERENCE_PATH.match(scope.get("path", ""))
         if match is not None:
