@@ -4,6 +4,7 @@ flags, the logging set-up, and how a run was started."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import shlex
 import sys
@@ -40,3 +41,14 @@ def configure_server_logging(level: str) -> None:
     if level != "debug":
         for name in CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def require_extra(extra: str, what: str, *modules: str) -> None:
+    """Stop with one line naming the extra to install when ``what`` needs modules that are missing
+    (instead of a ``ModuleNotFoundError`` deep in an import)."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(
+            f"{what} needs the {extra!r} extra ({', '.join(missing)} is not installed): "
+            f"pip install -e '.[{extra}]' from the repository"
+        )

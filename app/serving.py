@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Any
 
-from app.command_line import configure_server_logging
+from app.command_line import configure_server_logging, require_extra
 from app.config import Settings
 from app.tasks import TASKS, task_limits
 from app.tasks.base import env_names
@@ -68,6 +68,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_server_logging(settings.log_level)
     if settings.ray:  # Ray Serve replicas of the same app (app/ray_serve.py)
+        require_extra("ray", "serve --ray", "ray")
         from app.ray_serve import serve_on_ray
 
         code = serve_on_ray(settings)

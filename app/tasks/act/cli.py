@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.command_line import add_models_dir, configure_logging
+from app.command_line import add_models_dir, configure_logging, require_extra
 from app.equivariance import METHOD_NAMES, Method
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ def add_train_dqn_parser(commands: Any) -> None:
 
 
 def run_train_dqn(args: argparse.Namespace) -> int:
+    require_extra("rl", "train-dqn", "stable_baselines3")
     import torch
 
     from .training import DQNConfig, evaluate, export_agent, train_dqn
