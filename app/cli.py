@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from app.command_line import DefaultsHelpFormatter
 from app.tasks import TASKS, task_cli
 
 
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         module = task_cli(task)
         if module is not None:
             module.add_parsers(commands)
+    for command in commands.choices.values():
+        command.formatter_class = DefaultsHelpFormatter
     return parser
 
 

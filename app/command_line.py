@@ -17,6 +17,21 @@ from app.config import DEFAULT_MODELS_DIR
 CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "onnxruntime", "httpx", "transformers", "accelerate")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help already says it or there is none
+    to say (a default of None means "decided later", which each help text explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
 def add_models_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help=f"model repository (default: {DEFAULT_MODELS_DIR})"

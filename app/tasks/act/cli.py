@@ -39,13 +39,13 @@ def add_train_dqn_parser(commands: Any) -> None:
     p.add_argument("--env", default="CartPole-v1", help="CartPole-v1, Acrobot-v1 or equiserve/GridWorldC4-v0")
     p.add_argument("--method", default="vanilla", choices=METHOD_NAMES, help="how the copies are combined in training")
     p.add_argument("--steps", type=int, default=None, help="environment steps (default: per environment)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the network, the exploration and the evaluation")
     p.add_argument("--init", type=Path, default=None, help="start from this agent (model folder or safetensors)")
     p.add_argument("--freeze-q", action="store_true", help="with --method lambda --init: train the λ-net only")
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="hidden layer widths")
     p.add_argument("--eval-episodes", type=int, default=20, help="greedy episodes scored after training")
     p.add_argument("--name", required=True, help="model folder name under --models-dir")
-    p.add_argument("--description", default=None)
+    p.add_argument("--description", default=None, help="the entry's description in model.yaml")
     p.add_argument(
         "--default-method",
         default=None,
@@ -115,7 +115,7 @@ def add_play_parser(commands: Any) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
     p.add_argument("--model", required=True, help="an act model it serves, e.g. dqn-cartpole")
     p.add_argument("--env", default="CartPole-v1", help="gymnasium id (must match the model's)")
-    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--episodes", type=int, default=10, help="episodes to play")
     p.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
     p.add_argument("--method", default=None, choices=METHOD_NAMES, help="default: the model's default method")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>'")

@@ -61,7 +61,7 @@ def add_train_parser(commands: Any) -> None:
     )
     p.add_argument("--name", required=True, help="model entry to write: <models-dir>/<name>/")
     # The families training can build and fine-tune (a CNN with a linear head).
-    p.add_argument("--backbone", default="efficientnet_lite", choices=TRAINABLE_FAMILIES)
+    p.add_argument("--backbone", default="efficientnet_lite", choices=TRAINABLE_FAMILIES, help="backbone family")
     p.add_argument(
         "--option",
         type=_option,
@@ -73,8 +73,15 @@ def add_train_parser(commands: Any) -> None:
     )
     p.add_argument("--init-from", help="start from an existing model entry (its backbone, head, λ-net, group)")
     p.add_argument("--group", choices=IMAGE_GROUP_NAMES, help="default: the init model's group, else c4")
-    p.add_argument("--objective", choices=[m.value for m in Method], default=Method.LAMBDA.value)
-    p.add_argument("--zero-loss", choices=[z.value for z in ZeroLoss], default=ZeroLoss.NEG_MAX_PROB.value)
+    p.add_argument(
+        "--objective", choices=[m.value for m in Method], default=Method.LAMBDA.value, help="the method trained"
+    )
+    p.add_argument(
+        "--zero-loss",
+        choices=[z.value for z in ZeroLoss],
+        default=ZeroLoss.NEG_MAX_PROB.value,
+        help="the loss by which equizero picks its copy",
+    )
     p.add_argument(
         "--train",
         nargs="+",
@@ -87,15 +94,15 @@ def add_train_parser(commands: Any) -> None:
     p.add_argument("--train-size", type=int, help="training images (default: all but the validation split)")
     p.add_argument("--val-size", type=int, help="validation images, carved from the training data")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share when --val-size is not given")
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=60, help="most passes over the training images")
     p.add_argument("--patience", type=int, default=8, help="early stopping on validation accuracy")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--backbone-lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=256, help="images per optimiser step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the head and the λ-net")
+    p.add_argument("--backbone-lr", type=float, default=1e-4, help="learning rate of the backbone, when trained")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the batches")
     p.add_argument("--default-method", choices=[m.value for m in Method], help="default: lambda when λ is trained")
-    p.add_argument("--description", default="")
+    p.add_argument("--description", default="", help="the entry's description in model.yaml")
     p.add_argument("--report", type=Path, help="write the training history as JSON here")
     _common(p)
     p.set_defaults(run=run_train)

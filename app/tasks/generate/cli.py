@@ -25,9 +25,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--prompts", type=Path, help="a text file with one prompt per line (default: built-in set)")
     train.add_argument("--samples-per-prompt", type=int, default=3, help="continuations sampled per prompt")
     train.add_argument("--new-tokens", type=int, default=12, help="continuation tokens per prompt")
-    train.add_argument("--epochs", type=int, default=300)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--weight-decay", type=float, default=1e-2)
+    train.add_argument("--epochs", type=int, default=300, help="passes over the cached copies")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the λ-net")
+    train.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     train.add_argument("--hidden", type=int, default=100, help="λ-net width (the paper's: 100)")
     train.add_argument("--cache", type=Path, help="save the copy cache here, or reuse it when it exists")
 
@@ -42,9 +42,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", type=Path, default=Path("bench/results/fairness"),
                           help="writes <out>.json and <out>.md")  # fmt: skip
     evaluate.add_argument("--samples", type=int, default=6, help="seeded samples per template and group")
-    evaluate.add_argument("--max-new-tokens", type=int, default=8)
-    evaluate.add_argument("--temperature", type=float, default=1.0)
-    evaluate.add_argument("--top-k", type=int, default=50)
+    evaluate.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per sample")
+    evaluate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    evaluate.add_argument("--top-k", type=int, default=50, help="sample among this many likeliest tokens")
     evaluate.add_argument("--methods", nargs="*", help="rows to run (default: all)")
     evaluate.add_argument("--sample-methods", nargs="*",
                           help="rows that also sample words (default: vanilla, equitune, λ-equitune; the rest "
@@ -55,7 +55,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-fair", help="a task: generate entry of the model repository")
     add_models_dir(parser)
     add_device(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     parser.add_argument("--batch-size", type=int, default=16, help="requests decoded together")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 

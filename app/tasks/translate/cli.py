@@ -34,12 +34,12 @@ def add_train_scan_parser(commands: Any) -> None:
         "the seed with the best held-out accuracy, train a λ-net per group on it, and write models/<name>/ "
         "entries that `serve` loads as translate models.",
     )
-    p.add_argument("--split", default="add_jump", choices=("add_jump", "around_right"))
-    p.add_argument("--cell", default="gru", choices=("gru", "lstm"))
+    p.add_argument("--split", default="add_jump", choices=("add_jump", "around_right"), help="SCAN split")
+    p.add_argument("--cell", default="gru", choices=("gru", "lstm"), help="recurrent cell")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run each; the best ships")
     # None: the default of app.tasks.translate.training.PretrainConfig (defined there once; torch is not imported here)
     p.add_argument("--steps", type=int, default=None, help="training steps (mini-batches)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="commands per training step")
     p.add_argument("--lr", dest="learning_rate", type=float, default=None, help="Adam's learning rate")
     p.add_argument("--hidden", type=int, default=None, help="hidden size of encoder and decoder")
     p.add_argument("--held-out", type=float, default=None, help="share of the training commands held out")
