@@ -214,3 +214,14 @@ def test_bench_quant_decision_rule() -> None:
     assert worse["worst_drop_at"] == f"{names[1]}/equitune/rotated"
     unmeasured = bench_quant.decide(quant_report(0.995, None))
     assert not unmeasured["int8_cpu_default"] and unmeasured["worst_accuracy_drop_points"] is None
+
+
+def test_bench_startup_smoke(tmp_path: Path, tiny_dir: Path) -> None:
+    out = tmp_path / "startup.json"
+    run_script("bench_startup.py", "--models", "tiny", "--models-dir", str(tiny_dir), "--warm-runs", "1",
+               "--out", str(out))  # fmt: skip
+    runs = read(out)["runs"]
+    assert [run["start"].split()[0] for run in runs] == ["first", "warm"]
+    for run in runs:
+        assert 0 < run["listening_s"] <= run["ready_s"] and set(run["model_load_s"]) == {"tiny"}
+    assert out.with_suffix(".md").read_text().startswith("# Start-up")
