@@ -24,7 +24,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="EQUISERVE_", env_file=".env", extra="ignore")
 
-    host: str = Field("0.0.0.0", description="bind address")
+    host: str = Field(
+        "127.0.0.1",
+        description="bind address: this machine only by default; 0.0.0.0 to be reachable from others "
+        "(the container image, compose and the manifests set it)",
+    )
     port: int = Field(8000, ge=0, le=65535, description="bind port")
     models_dir: Path = Field(DEFAULT_MODELS_DIR, description="model repository: <dir>/<name>/model.yaml")
     models: Annotated[list[str] | None, NoDecode] = Field(
@@ -49,6 +53,14 @@ class Settings(BaseSettings):
         30.0, gt=0, description="deadline from a request's arrival to the start of its batch, else 504"
     )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body limit (413)")
+    max_decoded_pixels: int = Field(
+        400_000_000,
+        ge=1,
+        description="decoded image pixels all requests of the process may hold at once, every image model "
+        "together (reserved from the headers before decoding; 429 when spent, 413 for a request larger than "
+        "all of it): two requests at the classify per-request default (200 M), sixteen images at the "
+        "per-image one (25 M); about 1.2 GB as 8-bit RGB",
+    )
     api_key: SecretStr | None = Field(None, description="when set, inference routes need 'Authorization: Bearer <key>'")
     protect_metrics: bool = Field(False, description="when set with an API key, /metrics needs it too")
     warmup: bool = Field(True, description="run a max-size batch per model before turning ready")

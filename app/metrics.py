@@ -12,6 +12,7 @@ all of them: counters and histograms summed, the gauges as their modes below say
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -52,6 +53,9 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
 class Metrics:
     def __init__(self, max_batch_size: int = 32, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # Called before each exposition: gauges whose owners learn of some changes late (the
+        # decoded-pixel budget counts what the garbage collector gave back on its next use).
+        self.before_exposition: list[Callable[[], None]] = []
         r = self.registry
         self.requests = Counter(
             "equiserve_requests", "HTTP requests answered", ["model", "endpoint", "status"], registry=r
@@ -91,6 +95,10 @@ class Metrics:
         self.selected_transform = Counter(
             "equiserve_selected_transform", "Copies chosen by equizero", ["model", "transform"], registry=r
         )
+        self.decoded_pixels = Gauge(
+            "equiserve_decoded_pixels", "Decoded image pixels held by requests (EQUISERVE_MAX_DECODED_PIXELS)",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         self.model_info = Gauge(
             "equiserve_model_info", "Loaded models (value 1)", ["model", "backbone", "group", "device", "dtype"],
             registry=r, multiprocess_mode="livemax",
@@ -98,6 +106,8 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text format of every metric: this process's, or every process's in multiprocess mode."""
+        for refresh in self.before_exposition:
+            refresh()
         folder = os.environ.get(MULTIPROCESS_DIR)
         if not folder:
             return generate_latest(self.registry)

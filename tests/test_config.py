@@ -99,3 +99,17 @@ def test_every_task_limit_has_a_serve_flag_that_sets_its_env_var(monkeypatch: py
     settings_from_args(build_parser().parse_args(["serve", "--classify-max-images", "3"]))
     assert os.environ["EQUISERVE_CLASSIFY_MAX_IMAGES"] == "3"
     monkeypatch.delenv("EQUISERVE_CLASSIFY_MAX_IMAGES")
+
+
+def test_the_server_binds_loopback_unless_deployed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server started by hand is not reachable from other machines; the deployments open it."""
+    import re
+    from pathlib import Path
+
+    monkeypatch.delenv("EQUISERVE_HOST", raising=False)
+    assert Settings().host == "127.0.0.1"
+    root = Path(__file__).resolve().parent.parent
+    assert re.search(r"EQUISERVE_HOST=0\.0\.0\.0", (root / "Dockerfile").read_text())
+    for manifest in ("equiserve.yaml", "inferenceservice.yaml"):
+        text = (root / "deploy" / "kubernetes" / manifest).read_text()
+        assert re.search(r"name: EQUISERVE_HOST\s+value: \"?0\.0\.0\.0", text), manifest

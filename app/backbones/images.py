@@ -109,17 +109,35 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 0, content_typ
             warnings.simplefilter("ignore")  # PIL warns on odd EXIF/ICC data; the image is still fine
             if min_side and image.format == "JPEG":
                 image.draft("RGB", (min_side, min_side))
-            image = ImageOps.exif_transpose(image)
+            # In place: otherwise an image without an orientation to apply is copied whole for nothing.
+            ImageOps.exif_transpose(image, in_place=True)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16/32-bit grayscale: scale to 8 bits instead of clipping to white.
                 array = np.asarray(image, dtype=np.float64)
                 top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
                 gray = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
                 return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
-            rgb = image.convert("RGB")
-            return np.asarray(rgb, dtype=np.uint8)
+            return rgb_array(image if image.mode == "RGB" else image.convert("RGB"))  # convert copies even RGB
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise UndecodableImage(f"the image data is corrupt or truncated: {exc}") from exc
+
+
+# Bytes of one band of rows in ``rgb_array``.
+BAND_BYTES = 4 * 1024 * 1024
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """A decoded RGB image's pixels as ``uint8 [H, W, 3]``, copied a band of rows at a time:
+    ``np.asarray`` of the whole image goes through ``tobytes``, which holds the pixels twice
+    more (its pieces, then their join) beside PIL's own copy while it converts."""
+    width, height = image.size
+    rows = max(1, BAND_BYTES // (3 * width))
+    if rows >= height:  # one band: as cheap as it gets
+        return np.asarray(image, dtype=np.uint8)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, rows):
+        out[top : top + rows] = np.asarray(image.crop((0, top, width, min(height, top + rows))), dtype=np.uint8)
+    return out
 
 
 # EXIF orientation (tag 0x0112) -> (transpose rows and columns first?, axes to flip then): the

@@ -230,6 +230,7 @@ class DynamicBatcher(Generic[T, R]):
     def _expire(self, pending: _Pending[T]) -> None:
         """The deadline passed while the item was still queued: answer 504 now, not when a
         batch would have reached it (that can be a whole batch later)."""
+        pending.timer = None  # the fired handle refers back to ``pending``: no cycle to keep its item alive
         if pending.future.done():
             return  # cancelled (client gone): dropped when a batch reaches it
         try:

@@ -43,6 +43,7 @@ from app.errors import (
 from app.metrics import Metrics
 from app.repository import list_models, model_dir
 from app.runtime.memory import release_free_memory
+from app.runtime.pixel_budget import PixelBudget
 from app.tasks import read_spec, task_class
 from app.tasks.base import LoadOptions, ServedModel, Timing
 
@@ -74,6 +75,9 @@ class Engine:
             initializer=lower_this_thread,
             initargs=(settings.compute_nice,),
         )
+        # Every image model of this engine (one per process) reserves decoded pixels from it.
+        self.decoded_pixels = PixelBudget(settings.max_decoded_pixels, on_change=self.metrics.decoded_pixels.set)
+        self.metrics.before_exposition.append(self.decoded_pixels.refresh)
         self._inflight = 0
         self._memory_task: asyncio.Task | None = None
         self._start_task: asyncio.Task | None = None
@@ -99,7 +103,7 @@ class Engine:
             # Process-wide. On a shared or CPU-limited host fewer threads than cores can be much faster.
             torch.set_num_threads(self.settings.torch_threads)
         requested = self.settings.models is not None
-        options = LoadOptions.from_settings(self.settings)
+        options = LoadOptions.from_settings(self.settings, self.decoded_pixels)
         self.pending = list(self.model_names_to_load())
         for name in list(self.pending):
             started = time.perf_counter()
@@ -395,3 +399,7 @@ class Engine:
         for future, item in zip(futures, items, strict=True):
             future.cancel()
             model.cancel(item)
+        # The error about to be raised keeps this request's frames, and with them this list, until
+        # the garbage collector breaks its cycle (error -> traceback -> frame -> futures -> error):
+        # the items (decoded crops, reserved pixels) go as soon as the batcher lets go of them.
+        items.clear()

@@ -23,6 +23,7 @@ an exception in the batch function's list to fail one item without failing the o
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     import torch
 
     from app.config import Settings
+    from app.runtime.pixel_budget import PixelBudget
 
 RequestT = TypeVar("RequestT")
 PieceT = TypeVar("PieceT")
@@ -141,9 +143,12 @@ class LoadOptions:
     tune_batch_size: bool = True  # image models on the CPU: cap batches at the size warmup found cheapest
     input_pipeline: str = "auto"  # auto | host | device | device-decode
     compile_mode: str = "none"  # torch backbones: none | compile | cudagraphs
+    # The decoded pixels every image model of the process reserves from (the engine's, sized by
+    # EQUISERVE_MAX_DECODED_PIXELS); None: a model loaded on its own makes its own.
+    decoded_pixels: PixelBudget | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LoadOptions:
+    def from_settings(cls, settings: Settings, decoded_pixels: PixelBudget | None = None) -> LoadOptions:
         return cls(
             device=settings.device,
             dtype=settings.dtype,
@@ -157,6 +162,7 @@ class LoadOptions:
             tune_batch_size=settings.tune_batch_size,
             input_pipeline=settings.input_pipeline,
             compile_mode=settings.compile_mode,
+            decoded_pixels=decoded_pixels,
         )
 
 

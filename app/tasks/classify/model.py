@@ -8,7 +8,9 @@ method the copies are combined. Everything leaves the device in one transfer per
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from app.backbones.base import ImageBackbone, LinearHeadBackbone
@@ -27,14 +30,16 @@ from app.backbones.images import (
     apply_orientation,
     decode_image,
     decode_jpegs_on_device,
+    draft_scale,
     exif_orientation,
     is_plain_jpeg,
     open_image,
 )
-from app.backbones.onnx_cache import can_export, onnx_backbone
+from app.backbones.onnx_cache import can_export, default_cache_dir, onnx_backbone
 from app.backbones.onnx_quant import Calibration
 from app.backbones.onnx_runtime import OnnxBackbone
-from app.backbones.preprocess import crop_uint8, pixels_from_uint8, resize_center_crop, resize_on_device
+from app.backbones.preprocess import crop_box, crop_uint8, pixels_from_uint8, resize_center_crop, resize_on_device
+from app.config import Settings
 from app.equivariance import EquivariantModel, Method, combine, image_group, lambda_entropy, per_group
 from app.errors import InvalidInput, TooLarge
 from app.repository import (
@@ -47,8 +52,9 @@ from app.repository import (
     resolve_dtype,
     resolve_file_options,
 )
-from app.runtime.batch_sizing import fastest_batch_size
+from app.runtime.batch_sizing import BatchSizeCache, BatchSizeChoice, fastest_batch_size
 from app.runtime.memory import release_free_memory
+from app.runtime.pixel_budget import PixelBudget, Reservation
 from app.tasks.base import LoadOptions, ServedModel, Timing
 
 from .messages import (
@@ -60,6 +66,7 @@ from .messages import (
     Prediction,
     TransformDiagnostics,
 )
+from .request_pixels import AnyImage, RequestPixels
 from .spec import ClassifySpec
 
 log = logging.getLogger("equiserve.classify")
@@ -68,6 +75,11 @@ DEFAULT_TOP_K = 5  # capped at the number of labels
 FILE_OPTIONS = ("weights_path", "checkpoint", "path")  # backbone options naming files in the entry's folder
 INPUT_PIPELINES = ("host", "device", "device-decode")
 _NO_PIXELS = torch.empty(0, dtype=torch.uint8)  # an item whose file the device decodes
+# The device pipelines resize a crop of more than this many times the model's input pixels on
+# the host instead of holding it as uint8 until its batch: for such a crop, holding it costs far
+# more memory than resizing it costs time next to its decode, and the pixels are the ones the
+# device would make (bit for bit on the CPU, to float rounding on CUDA).
+HOST_RESIZE_ABOVE = 16
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,9 @@ class ImagePiece:
     labels: tuple[str, ...] | None
     max_pixels: int
     probabilities: bool = False
+    # the request's images, measured together when its first piece is prepared; None: this one alone
+    request: RequestPixels | None = dataclasses.field(default=None, compare=False, repr=False)
+    index: int = 0  # this piece's image in ``request``
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,8 @@ class ImageItem:
     jpeg: bytes | None = None
     orientation: int = 1  # the JPEG's EXIF orientation, applied after decoding it
     max_pixels: int = 0  # the host decodes ``jpeg`` again under this limit if the device cannot
+    # the decoded pixels this item holds against the server's budget, until its batch has them
+    reservation: Reservation | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -134,14 +151,20 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
         *,
         input_pipeline: str = "host",
         tune_batch_size: bool = False,
+        decoded_pixels: PixelBudget | None = None,
+        batch_size_cache: BatchSizeCache | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(spec, **kw)
         self.backbone = backbone
+        # shared by the engine's image models; a model made on its own has a budget of its own
+        self.decoded_pixels = decoded_pixels or PixelBudget(Settings.model_fields["max_decoded_pixels"].default)
         self.model = model
         self.tune_batch_size = tune_batch_size
-        self.batch_limit: int | None = None  # set by warmup: the batch size cheapest per image here
-        self.batch_costs_s: dict[int, float] = {}  # what warmup measured: seconds per image by batch size
+        # the batch cap: model.yaml's max_batch_size, else what warmup found cheapest per image here
+        self.batch_limit: int | None = spec.max_batch_size
+        self.batch_choice: BatchSizeChoice | None = None  # the tuner's decision and its evidence
+        self.batch_size_cache = batch_size_cache
         self._pin = self.device.type == "cuda"
         if input_pipeline not in INPUT_PIPELINES:
             raise ValueError(f"unknown input pipeline {input_pipeline!r}; choose from {INPUT_PIPELINES}")
@@ -225,6 +248,8 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
             dtype=served.dtype,
             input_pipeline=_input_pipeline(speed.input_pipeline, device),
             tune_batch_size=speed.tune_batch_size,
+            decoded_pixels=getattr(options, "decoded_pixels", None),
+            batch_size_cache=BatchSizeCache((options.onnx_cache_dir or default_cache_dir()) / "batch-sizes.json"),
         )
 
     @classmethod
@@ -272,13 +297,48 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
         top_k = min(DEFAULT_TOP_K, num_labels) if request.top_k is None else request.top_k
         if not 1 <= top_k <= num_labels:
             raise InvalidInput(f"top_k must be between 1 and {num_labels}")
-        for image in request.images:
+        return self.image_pieces(request.images, method, top_k, labels, request.probabilities)
+
+    def image_pieces(
+        self,
+        images: Sequence[AnyImage],
+        method: Method,
+        top_k: int,
+        labels: tuple[str, ...] | None,
+        probabilities: bool = False,
+    ) -> list[ImagePiece]:
+        """One piece per image, all measured together (``RequestPixels``) when the first is prepared."""
+        max_pixels = self.limits.max_pixels
+        for image in images:
             if isinstance(image, Pixels):
-                self._check_pixels_shape(image.array, limits.max_pixels)
+                self._check_pixels_shape(image.array, max_pixels)
+        measured = self.request_pixels(images)
         return [
-            ImagePiece(image, method, top_k, labels, limits.max_pixels, request.probabilities)
-            for image in request.images
+            ImagePiece(image, method, top_k, labels, max_pixels, probabilities, measured, index)
+            for index, image in enumerate(images)
         ]
+
+    def request_pixels(self, images: Sequence[AnyImage], max_pixels: int | None = None) -> RequestPixels:
+        limits = self.limits
+        return RequestPixels(
+            images,
+            max_pixels=limits.max_pixels if max_pixels is None else max_pixels,
+            max_request_pixels=limits.max_request_pixels,
+            limit_name=f"EQUISERVE_{self.task.upper()}_MAX_REQUEST_PIXELS",
+            budget=self.decoded_pixels,
+            host_pixels=self.host_pixels,
+        )
+
+    def host_pixels(self, header: Image.Image) -> int:
+        """The pixels decoding this image holds on the host, from its header: none for a JPEG
+        the device decodes, a plain JPEG's at the DCT scale it is decoded at, the rest in full."""
+        width, height = header.size
+        if not is_plain_jpeg(header):
+            return width * height
+        if self.input_pipeline == "device-decode":
+            return 0  # the host keeps only the file
+        scale = draft_scale(width, height, self.backbone.input_size)
+        return math.ceil(width / scale) * math.ceil(height / scale)
 
     @staticmethod
     def _check_pixels_shape(array: np.ndarray, max_pixels: int) -> None:
@@ -309,7 +369,19 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
 
     def prepare(self, piece: ImagePiece) -> ImageItem:
         """Decode (JPEGs at a reduced DCT scale where the input size allows) and preprocess, as
-        far as the input pipeline does it on the host (see ``ImageItem``)."""
+        far as the input pipeline does it on the host (see ``ImageItem``), once the request's
+        pixels are reserved; the item keeps the reservation of what it holds."""
+        measured = piece.request or self.request_pixels([piece.image], piece.max_pixels)
+        reservation = measured.take(piece.index if piece.request is not None else 0)
+        try:
+            item = self._prepare(piece)
+        except BaseException:
+            reservation.release()
+            raise
+        reservation.shrink(item.pixels.numel() // 3)
+        return dataclasses.replace(item, reservation=reservation)
+
+    def _prepare(self, piece: ImagePiece) -> ImageItem:
         image = piece.image
         asked = (piece.method, piece.top_k, piece.labels, piece.probabilities)
         if isinstance(image, Pixels):
@@ -327,9 +399,13 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
                 min_side=self.backbone.input_size,
                 content_type=image.content_type,
             )
-        if self.input_pipeline == "host":
+        if self.input_pipeline == "host" or self._resize_on_host(image):
             return ImageItem(self.preprocess(image), *asked)
         return ImageItem(crop_uint8(image), *asked)
+
+    def _resize_on_host(self, image: np.ndarray) -> bool:
+        _, _, crop_h, crop_w = crop_box(*image.shape[:2])
+        return crop_h * crop_w > HOST_RESIZE_ABOVE * self.backbone.input_size**2
 
     def preprocess(self, image: np.ndarray) -> Tensor:
         """``uint8 [H, W, 3]`` -> ``[3, S, S]`` float."""
@@ -391,7 +467,14 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
 
     @torch.inference_mode()
     def __call__(self, items: list[ImageItem]) -> list[ImageResult | BaseException]:
-        pixels, failed = self.batch_pixels(items)
+        try:
+            pixels, failed = self.batch_pixels(items)
+        finally:
+            # The batch has its own pixels now (or could not make them): the items' reservations
+            # end here, not when their requests are answered, which may be batches later.
+            for item in items:
+                if item.reservation is not None:
+                    item.reservation.release()
         if not failed:
             return self._run(items, pixels)
         ok = [i for i in range(len(items)) if i not in failed]
@@ -465,13 +548,33 @@ class ClassifyModel(ServedModel[ClassifyRequest, ImagePiece, ImageItem, ImageRes
             example = torch.rand(1, 3, size, size, device=self.device)
             self.model.encoder.warm(batch_size * self.model.group.order, example)
         self._run_warmup_batch(batch_size)
-        if self.tune_batch_size and self.device.type == "cpu" and batch_size > 1:
-            self.batch_limit, self.batch_costs_s = fastest_batch_size(self._run_warmup_batch, batch_size)
+        if self.tune_batch_size and self.device.type == "cpu" and batch_size > 1 and self.spec.max_batch_size is None:
+            self.batch_choice = self._tuned_batch_size(batch_size)
+            self.batch_limit = self.batch_choice.limit
         # The full-size batch grew the runtime's arena and the heap; a server that then idles
         # (or a replica that is never sent that much) should not keep it. The engine's idle
         # trim only runs after served batches, so warmup hands it back itself.
         self.release_memory()
         release_free_memory()
+
+    def _tuned_batch_size(self, batch_size: int) -> BatchSizeChoice:
+        """The tuner's cap: kept from an earlier start of this model on this machine, else measured."""
+        facts = {
+            "model": self.name, "backbone": self.backbone_name, "runtime": self.runtime, "dtype": str(self.dtype),
+            "input_size": self.backbone.input_size, "copies": len(self.transforms), "limit": batch_size,
+            "pipeline": self.input_pipeline, "threads": torch.get_num_threads(),
+        }  # fmt: skip
+        cache = self.batch_size_cache
+        key = BatchSizeCache.key(facts)
+        choice = cache.get(key) if cache is not None else None
+        if cache is not None and choice is not None:
+            log.info("%s: %s; kept from an earlier start (%s)", self.name, choice.summary(), cache.path)
+            return choice
+        choice = fastest_batch_size(self._run_warmup_batch, batch_size, copies=len(self.transforms))
+        log.info("%s: %s; measured now", self.name, choice.summary())
+        if cache is not None:
+            cache.put(key, choice)
+        return choice
 
     def _run_warmup_batch(self, batch_size: int) -> float:
         """One pass over ``batch_size`` random images, every method among them; its seconds."""

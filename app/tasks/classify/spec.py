@@ -21,6 +21,11 @@ class ClassifySpec(TaskSpec):
     precision: Literal["float32", "int8"] | None = Field(
         None, description="backbone precision on the CPU (onnxruntime); None: the server's EQUISERVE_PRECISION"
     )
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="pin this model's batch cap (at most EQUISERVE_MAX_BATCH_SIZE); the tuner then measures nothing",
+    )
     calibration: str = Field(
         "photos",
         description="int8 calibration images: 'photos' (the web examples and scikit-image's photos), "

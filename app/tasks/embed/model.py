@@ -12,7 +12,6 @@ from torch import Tensor
 from app.equivariance import Method, combine, lambda_entropy, per_group, pool_features
 from app.errors import InvalidInput, TooLarge
 from app.tasks.base import Timing
-from app.tasks.classify.messages import Pixels
 from app.tasks.classify.model import ClassifyModel, ImageItem, ImagePiece
 
 from .messages import CopyWeight, Embedding, EmbedOutput, EmbedRequest
@@ -37,10 +36,7 @@ class EmbedModel(ClassifyModel):  # type: ignore[misc]
                 "(EQUISERVE_EMBED_MAX_IMAGES)"
             )
         method = self.spec.resolve_method(request.method)
-        for image in request.images:
-            if isinstance(image, Pixels):
-                self._check_pixels_shape(image.array, limits.max_pixels)
-        return [ImagePiece(image, method, 1, None, limits.max_pixels) for image in request.images]
+        return self.image_pieces(request.images, method, 1, None)
 
     def respond(self, request: EmbedRequest, results: list[Embedding], timing: Timing) -> EmbedOutput:  # type: ignore[override]
         method = self.spec.resolve_method(request.method)
