@@ -37,7 +37,7 @@ DASHBOARD = DASHBOARDS / "equiserve.json"
 
 CACHE_DIR = "/home/equiserve/.cache"
 
-# The metric names (README.md, "Metrics") as Prometheus exposes them. The lead also checks
+# The metric names (docs/deploy.md, "Metrics") as Prometheus exposes them. The lead also checks
 # this set against app/metrics.py; keep the two in step.
 HISTOGRAMS = {
     "equiserve_request_duration_seconds",
@@ -50,14 +50,15 @@ PLAIN_METRICS = {
     "equiserve_requests_total",
     "equiserve_queue_depth",
     "equiserve_inflight_requests",
+    "equiserve_decoded_pixels",
     "equiserve_rejected_requests_total",
     "equiserve_selected_transform_total",
     "equiserve_model_info",
 }
 ALLOWED_METRICS = PLAIN_METRICS | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 METRIC_FAMILIES = PLAIN_METRICS | HISTOGRAMS
-# every family carries a `model` label except this gauge (one per process)
-UNLABELLED_BY_MODEL = {"equiserve_inflight_requests"}
+# every family carries a `model` label except these gauges (one per process)
+UNLABELLED_BY_MODEL = {"equiserve_inflight_requests", "equiserve_decoded_pixels"}
 
 # Hosts a URL in these files may name: loopback and the compose services. Anything else
 # (a package index, an image registry, a hub) must come from build args or the environment.
