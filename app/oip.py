@@ -308,6 +308,8 @@ def _bytes_payload(array: np.ndarray) -> bytes:
 def parameter(body: InferBody, name: str, *kinds: type) -> Any:
     """A request parameter of one of ``kinds`` (JSON true is no integer here), or None."""
     value = body.parameters.get(name)
+    if int in kinds and isinstance(value, float) and value.is_integer():  # JSON Schema's integer: 1.0 too
+        value = int(value)
     if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
         raise TensorError(f"parameter {name!r} must be {TYPE_WORDS[kinds]}, not {value!r}")
     return value
@@ -334,6 +336,27 @@ def checked_inputs(body: InferBody, allowed: dict[str, TensorSpec]) -> list[Tens
 # -- what a task maps ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TensorSchema:
+    """An input tensor's JSON Schema pieces: one per dimension of its shape, one for its elements."""
+
+    dimensions: list[dict[str, Any]]
+    element: dict[str, Any]
+
+
+def dimension_schema(size: int) -> dict[str, Any]:
+    """A declared dimension: ``-1`` any size, else exactly ``size``."""
+    return {"type": "integer", "minimum": 0} if size == -1 else {"const": size}
+
+
+def element_schema(datatype: str) -> dict[str, Any]:
+    """A JSON ``data`` element of ``datatype`` (``_json_data`` takes integers for floats, not booleans)."""
+    if datatype == "BYTES":
+        return {"type": "string"}
+    kind = NUMERIC[datatype].kind
+    return {"type": {"b": "boolean", "f": "number"}.get(kind, "integer")}
+
+
 class V2Mapping:
     """How one task speaks the protocol: its tensors, its request, its outputs. ``card`` is the
     model's ``GET /v1/models`` entry, ``limits`` its task limits, ``wanted`` the outputs asked for."""
@@ -351,6 +374,15 @@ class V2Mapping:
 
     def tensors(self, output: Any) -> dict[str, tuple[str, np.ndarray]]:
         raise NotImplementedError
+
+    def required_inputs(self, card: dict[str, Any]) -> list[tuple[str, ...]]:
+        """Groups of inputs of which a request must send exactly one each (default: every input)."""
+        return [(spec.name,) for spec in self.inputs(card)]
+
+    def input_schema(self, spec: TensorSpec, card: dict[str, Any], limits: Any) -> TensorSchema:
+        """What a model takes in input ``spec`` as JSON Schema: each dimension, each element (by
+        default: as its declared shape and datatype say)."""
+        return TensorSchema([dimension_schema(d) for d in spec.shape], element_schema(spec.datatype))
 
     def check_parameters(self, body: InferBody) -> None:
         for key in body.parameters:

@@ -12,6 +12,7 @@ from app.api.docs import build_docs_router
 from app.api.errors import install_error_handlers
 from app.api.inference import build_inference_router
 from app.api.middleware import RequestContextMiddleware
+from app.api.openapi import install_openapi
 from app.api.routes import build_router
 from app.api.v2 import build_v2_router
 from app.api.web import build_web_router
@@ -74,4 +75,5 @@ def create_app(
         served_models=lambda: set(engine.models),
     )
     install_error_handlers(app)
+    install_openapi(app, engine, settings)
     return app

@@ -203,7 +203,7 @@ async def test_api_key_protects_inference_only(tiny_models_dir: Path) -> None:
 async def test_openapi_documents_both_body_forms(tiny_models_dir: Path) -> None:
     async with serving(make_settings(tiny_models_dir)) as (client, _):
         spec = (await client.get("/openapi.json")).json()
-        body = spec["paths"]["/v1/models/{name}/classify"]["post"]["requestBody"]["content"]
+        body = spec["paths"]["/v1/models/tiny/classify"]["post"]["requestBody"]["content"]
         assert {"multipart/form-data", "application/json"} <= set(body)
         assert body["application/json"]["examples"]
         assert (await client.get("/docs")).status_code == 200

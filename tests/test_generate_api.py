@@ -220,6 +220,6 @@ async def test_metrics_count_generate_requests(text_models_dir: Path) -> None:
 async def test_openapi_documents_the_generate_route(text_models_dir: Path) -> None:
     async with serving(make_settings(text_models_dir)) as (client, _):
         spec = (await client.get("/openapi.json")).json()
-        operation = spec["paths"]["/v1/models/{name}/generate"]["post"]
+        operation = spec["paths"][URL]["post"]
         assert {"200", "404", "413", "422", "429", "503", "504"} <= set(operation["responses"])
         assert "text/event-stream" in operation["responses"]["200"]["content"]

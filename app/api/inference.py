@@ -20,11 +20,28 @@ from fastapi.responses import StreamingResponse
 from app.engine.engine import StreamEvent
 from app.errors import EngineError
 from app.tasks import TASKS, task_http
+from app.tasks.base import ServedModel
 from app.tasks.http import Served, TaskHttp, answer_schema, inline_definitions, to_json
 
 from .common import engine_of, error_responses, require_api_key, settings_of, until_disconnected
+from .schemas import ErrorBody
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def task_path(task: str) -> str:
+    """The one route of ``task``; ``GET /openapi.json`` lists it once per served model."""
+    return f"/v1/models/{{name}}/{task}"
+
+
+def served_for(request: Request, model: ServedModel) -> Served:
+    """What ``model``'s adapter may know of it, here (its limits, the body limit, its queue)."""
+    settings = settings_of(request)
+    return served_model(model, settings.max_body_bytes, settings.queue_size)
+
+
+def served_model(model: ServedModel, max_body_bytes: int, queue_size: int | None) -> Served:
+    return Served(model.card(), model.limits, max_body_bytes, queue_size)
 
 
 def build_inference_router() -> APIRouter:
@@ -40,9 +57,7 @@ def add_task_route(router: APIRouter, task: str, http: TaskHttp) -> None:
         request_id = request.state.request_id
 
         async def read() -> Any:
-            model = engine.model(name, task)
-            served = Served(model.card(), model.limits, settings_of(request).max_body_bytes)
-            return await http.read(request, served)
+            return await http.read(request, served_for(request, engine.model(name, task)))
 
         source = read
         if http.streams:
@@ -64,12 +79,9 @@ def add_task_route(router: APIRouter, task: str, http: TaskHttp) -> None:
     schema = inline_definitions(answer_schema(http.answer_type))
     ok: dict[str, Any] = {"description": "the answer", "content": {"application/json": {"schema": schema}}}
     if http.streams:
-        ok["content"]["text/event-stream"] = {
-            "schema": {"type": "string", "description": "server-sent events: token ..., then done (the answer above) "
-                       "or error"}
-        }  # fmt: skip
+        ok["content"]["text/event-stream"] = event_stream(http, schema)
     router.add_api_route(
-        f"/v1/models/{{name}}/{task}",
+        task_path(task),
         infer,
         methods=["POST"],
         name=task,
@@ -79,6 +91,39 @@ def add_task_route(router: APIRouter, task: str, http: TaskHttp) -> None:
         responses={200: ok, **error_responses(**{f"e{status}": text for status, text in http.errors.items()})},
         openapi_extra={"requestBody": http.openapi_body()},
     )
+
+
+def event_stream(http: TaskHttp, answer: dict[str, Any]) -> dict[str, Any]:
+    """The ``text/event-stream`` media type of a streaming route: OpenAPI 3.2's ``itemSchema`` is
+    one event (the fields ``event`` and ``data``, the data as JSON of its own schema); ``schema``,
+    which 3.1 reads as the body and 3.2 as the array of events, says no more than either can hold."""
+    kinds: dict[str, dict[str, Any]] = {
+        **{kind: inline_definitions(answer_schema(event_type)) for kind, event_type in http.stream_events.items()},
+        "done": answer,
+        "error": inline_definitions(ErrorBody.model_json_schema()),
+    }
+    item = {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {"event": {"enum": list(kinds)}, "data": {"type": "string"}},
+        "oneOf": [
+            {
+                "properties": {
+                    "event": {"const": kind},
+                    "data": {"contentMediaType": "application/json", "contentSchema": data},
+                }
+            }
+            for kind, data in kinds.items()
+        ],
+    }
+    events = ", ".join(f"`{kind}`" for kind in http.stream_events)
+    return {
+        "schema": {
+            "description": f"server-sent events: {events} as the model makes them, then `done` (the answer above) "
+            "or `error` (the error body); itemSchema describes each"
+        },
+        "itemSchema": item,
+    }
 
 
 def sse(event: str, data: bytes) -> bytes:

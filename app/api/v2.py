@@ -14,6 +14,7 @@ No torch here: the tensors are numpy arrays.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +24,18 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from app.errors import EngineError, ModelNotFound, NotReady, QueueFull, UnsupportedBody
-from app.oip import HEADER_LENGTH, VERSION, InferBody, TensorError, V2Mapping, encode_response, parse_infer_body
+from app.oip import (
+    HEADER_LENGTH,
+    IGNORED_PARAMETERS,
+    MAX_RANK,
+    VERSION,
+    InferBody,
+    TensorError,
+    TensorSchema,
+    V2Mapping,
+    encode_response,
+    parse_infer_body,
+)
 from app.tasks import task_http
 from app.tasks.http import inline_definitions
 
@@ -141,6 +153,15 @@ def v2_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": V2ErrorBody, "description": texts[status]} for status in statuses}
 
 
+MODEL_PATH = "/v2/models/{name}"  # with "", "/ready" and "/infer": GET /openapi.json names the served models
+BINARY_BODY = {
+    "schema": {
+        "type": "string",
+        "format": "binary",
+        "description": f"the binary tensor data extension: a JSON header of {HEADER_LENGTH} bytes, then each "
+        "tensor's bytes",
+    }
+}
 INFER_OPENAPI = {
     "requestBody": {
         "required": True,
@@ -158,14 +179,107 @@ INFER_OPENAPI = {
                     }
                 },
             },
-            "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"},
-                "description": f"the binary tensor data extension: a JSON header of {HEADER_LENGTH} bytes, then "
-                "each tensor's bytes",
-            },
+            "application/octet-stream": BINARY_BODY,
         },
     }
 }
+
+
+def infer_request_body(
+    adapter: V2Mapping, card: dict[str, Any], limits: Any, parameters: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The ``requestBody`` of ``POST /v2/models/<name>/infer`` for one model: its inputs (names,
+    datatypes, shapes, elements), ``parameters`` (each one's schema, as its /v1 field has it), its
+    outputs. What no JSON Schema can say: that a shape multiplies out to its data's elements (the
+    server answers 400 where it does not), and what binary tensor data holds."""
+    specs = adapter.inputs(card)
+    tensors = [input_tensor_schema(s.name, s.datatype, adapter.input_schema(s, card, limits)) for s in specs]
+    outputs = [spec.name for spec in adapter.outputs(card)]
+    once = [contains_name(spec.name, 0, 1) for spec in specs]
+    required = [contains_name(group, 1, 1) for group in adapter.required_inputs(card)]
+    ignored = {"binary_data_output": {"type": "boolean"}, **{name: {} for name in sorted(IGNORED_PARAMETERS)}}
+    output_item = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"enum": outputs},
+            "parameters": nullable(
+                {"type": "object", "properties": {"binary_data": {"type": "boolean"}}, "additionalProperties": False}
+            ),
+        },
+    }
+    schema = {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": ["string", "null"]},
+            "parameters": nullable(
+                {
+                    "type": "object",
+                    "properties": {**{name: parameters[name] for name in sorted(adapter.parameters)}, **ignored},
+                    "additionalProperties": False,
+                }
+            ),
+            "inputs": {"type": "array", "minItems": 1, "items": {"oneOf": tensors}, "allOf": [*once, *required]},
+            "outputs": nullable(
+                {
+                    "type": "array",
+                    "items": output_item,
+                    "allOf": [contains_name(name, 0, 1) for name in outputs],
+                    "description": "the outputs to return, each once (absent or empty: all)",
+                }
+            ),
+        },
+    }
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": schema}, "application/octet-stream": BINARY_BODY},
+    }
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def contains_name(names: str | tuple[str, ...], least: int, most: int) -> dict[str, Any]:
+    """An array holding from ``least`` to ``most`` objects named one of ``names``."""
+    named = [names] if isinstance(names, str) else list(names)
+    item = {"type": "object", "required": ["name"], "properties": {"name": {"enum": named}}}
+    return {"contains": item, "minContains": least, "maxContains": most}
+
+
+def input_tensor_schema(name: str, datatype: str, tensor: TensorSchema) -> dict[str, Any]:
+    """One input tensor of a JSON body: its ``data`` flat, or nested as deep as its shape (the
+    binary body's ``binary_data_size`` instead of data is that body's own)."""
+    rank = len(tensor.dimensions)
+    assert rank <= MAX_RANK
+    # Flat data holds the shape's product of elements: a number where every size is fixed (JSON
+    # Schema cannot multiply a shape sent with it); nested, any regular nesting of that many.
+    sizes = [d.get("const") for d in tensor.dimensions]
+    flat: dict[str, Any] = {"type": "array", "items": tensor.element}
+    if all(isinstance(size, int) for size in sizes):
+        flat |= {"minItems": math.prod(sizes), "maxItems": math.prod(sizes)}
+    depths, nested = [flat], {"type": "array", "items": tensor.element}
+    for _ in range(1, rank):
+        nested = {"type": "array", "items": nested}
+        depths.append(nested)
+    return {
+        "type": "object",
+        "required": ["name", "datatype", "shape", "data"],
+        "properties": {
+            "name": {"const": name},
+            "datatype": {"const": datatype},
+            "shape": {
+                "type": "array",
+                "prefixItems": tensor.dimensions,
+                "items": False,
+                "minItems": rank,
+                "description": "its dimensions: their product is the number of elements in data",
+            },
+            "data": depths[0] if len(depths) == 1 else {"anyOf": depths},
+            "parameters": nullable({"type": "object", "properties": {"binary_data_size": {"type": "null"}}}),
+        },
+    }
 
 
 Endpoint = Callable[[Request, str, str | None], Awaitable[Any]]

@@ -32,6 +32,15 @@ class Served:
     card: dict[str, Any]  # its GET /v1/models entry
     limits: Any  # its task's TaskLimits, with the entry's overrides
     max_body_bytes: int  # the server's body limit (EQUISERVE_MAX_BODY_BYTES)
+    queue_size: int | None = None  # items its queue holds (EQUISERVE_QUEUE_SIZE): a request of more is a 413
+
+    def max_items(self, limit: int) -> int:
+        """The most batch items one request may hold: its task's ``limit``, and no more than the queue."""
+        return limit if self.queue_size is None else min(limit, self.queue_size)
+
+    def method(self, preferred: str) -> str:
+        """``preferred`` where the model serves it, else its default method (for examples)."""
+        return preferred if preferred in self.card["methods"] else self.card["default_method"]
 
 
 def validation_message(errors: list) -> str:
@@ -81,6 +90,67 @@ def body_schema(body_type: type) -> dict[str, Any]:
     return _adapter(body_type).json_schema(mode="validation")
 
 
+# What Python's ``\s`` (and ``str.split``, ``str.strip``) takes for whitespace, spelt out: ECMA-262's
+# ``\s``, which JSON Schema's ``pattern`` means, differs (no U+001C-U+001F or U+0085, but U+FEFF).
+WHITESPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def portable_pattern(pattern: str) -> str:
+    r"""A Python regex whose ``\s`` / ``\S`` mean what they do in Python in every dialect: spelt as
+    classes of ``WHITESPACE``. (Not inside a class of the pattern's own, which it refuses.)"""
+    out: list[str] = []
+    in_class, i = False, 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\" and i + 1 < len(pattern):
+            escaped = pattern[i + 1]
+            if escaped in "sS":
+                if in_class:
+                    raise ValueError(f"\\{escaped} inside a character class: {pattern!r}")
+                out.append(f"[{WHITESPACE}]" if escaped == "s" else f"[^{WHITESPACE}]")
+            else:
+                out.append(char + escaped)
+            i += 2
+            continue
+        if char == "[" and not in_class:
+            in_class = True
+        elif char == "]" and in_class:
+            in_class = False
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def narrowed(schema: dict[str, Any], **keywords: Any) -> dict[str, Any]:
+    """``schema`` with ``keywords`` added: to each branch that is not ``null`` where it is optional
+    (pydantic writes ``X | None`` as ``anyOf``), else to itself."""
+    if "anyOf" in schema:
+        branches = [b if b.get("type") == "null" else {**b, **keywords} for b in schema["anyOf"]]
+        return {**schema, "anyOf": branches}
+    return {**schema, **keywords}
+
+
+def constrained(schema: dict[str, Any], **properties: dict[str, Any]) -> dict[str, Any]:
+    """An object ``schema`` whose named properties get the keywords given for each (``narrowed``)."""
+    fields = dict(schema["properties"])
+    for name, keywords in properties.items():
+        fields[name] = narrowed(fields[name], **keywords)
+    return {**schema, "properties": fields}
+
+
+def method_keywords(served: Served) -> dict[str, Any]:
+    """A request's ``method``: one the model serves (any other is a 422)."""
+    return {"enum": list(served.card["methods"])}
+
+
+def with_examples(content: dict[str, Any], examples: list[Any]) -> dict[str, Any]:
+    """A media type's ``content`` with its ``examples``, in its schema and by name beside it."""
+    if not examples:
+        return content
+    schema = {**content["schema"], "examples": examples}
+    return {**content, "schema": schema, "examples": {f"example {i + 1}": {"value": v} for i, v in enumerate(examples)}}
+
+
 def to_json(answer: Any) -> bytes:
     """Any answer dataclass as JSON, by its own type (aliases applied; NaN and infinity as null)."""
     return _adapter(type(answer)).dump_json(answer, by_alias=True)
@@ -101,6 +171,8 @@ class TaskHttp(Generic[RequestT, OutputT]):
     errors: ClassVar[dict[int, str]] = {}  # this route's own words for the common error statuses
     v2: ClassVar[V2Mapping | None] = None  # its Open Inference Protocol mapping, if it has one
     streams: ClassVar[bool] = False  # a request may ask for server-sent events (wants_stream)
+    # the events a stream sends before ``done`` or ``error``, by name: their dataclass (the data, as JSON)
+    stream_events: ClassVar[dict[str, type]] = {}
 
     async def read(self, request: Request, served: Served) -> RequestT:
         """The body -> the task's request. Called once the engine admitted the request."""
@@ -118,11 +190,22 @@ class TaskHttp(Generic[RequestT, OutputT]):
     def encode(self, output: OutputT) -> bytes:
         return to_json(output)
 
-    def openapi_body(self) -> dict[str, Any]:
-        """The route's ``requestBody`` in OpenAPI (default: ``body_type``'s schema, with its examples)."""
+    def openapi_body(self, served: Served | None = None) -> dict[str, Any]:
+        """The route's ``requestBody`` in OpenAPI: ``body_type``'s schema with its examples; for
+        ``served`` (one model), narrowed to what that model accepts (``constrain``), with
+        examples it answers (``examples``). Without one (while loading), any model's."""
         assert self.body_type is not None, f"{type(self).__name__} reads no JSON: override openapi_body"
         schema = inline_definitions(body_schema(self.body_type))
-        content: dict[str, Any] = {"schema": schema}
-        if "examples" in schema:
-            content["examples"] = {f"example {i + 1}": {"value": v} for i, v in enumerate(schema["examples"])}
-        return {"required": True, "content": {"application/json": content}}
+        examples = schema.pop("examples", [])
+        if served is not None:
+            schema, examples = self.constrain(schema, served), self.examples(served)
+        return {"required": True, "content": {"application/json": with_examples({"schema": schema}, examples)}}
+
+    def constrain(self, schema: dict[str, Any], served: Served) -> dict[str, Any]:
+        """``body_type``'s schema narrowed to the limits and facts of one model: the checks its
+        ``read`` and the model's ``split`` make, as JSON Schema keywords."""
+        return schema
+
+    def examples(self, served: Served) -> list[Any]:
+        """Bodies that model answers, for the document."""
+        return []

@@ -11,6 +11,7 @@ observation is the whole state for all three), which is what the symmetry tests 
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from gymnasium import spaces
 from .symmetries import GRID_ENV_ID, GRID_MOVES, GRID_PLANES, GRID_SIZE, symmetry
 
 GRID_MAX_STEPS = 30
+EXAMPLE_SEED = 0  # the start state a model card shows (``example_observation``)
 GRID_SOLVED = 0.85  # mean return; an optimal agent gets about 0.9 (1 - 0.9 * mean shortest path / 30)
 
 
@@ -136,6 +138,24 @@ def solved_threshold(env_id: str) -> float:
     if threshold is None:  # pragma: no cover - all three have one
         raise ValueError(f"{env_id} has no solved threshold")
     return float(threshold)
+
+
+def example_observation(env_id: str) -> list[float]:
+    """A start state of ``env_id``: gymnasium's own reset (seed ``EXAMPLE_SEED``), as a model card's
+    example, so that a client (the web page's example button) sends a state the agent can meet."""
+    return list(_example_observation(env_id))
+
+
+@functools.cache
+def _example_observation(env_id: str) -> tuple[float, ...]:
+    env = make_env(env_id)
+    try:
+        observation, _ = env.reset(seed=EXAMPLE_SEED)
+    finally:
+        env.close()
+    # str() of a float32 is its shortest decimal that reads back as the same float32: short numbers
+    # for a person to read, and the server, which rounds to float32, gets gymnasium's observation.
+    return tuple(float(str(v)) for v in np.asarray(observation, dtype=np.float32))
 
 
 def restore(env: gym.Env, observation: np.ndarray) -> None:

@@ -21,6 +21,7 @@ class ActRequest:
 
     __pydantic_config__ = ConfigDict(
         extra="forbid",
+        strict=True,  # JSON types as the OpenAPI schema states them: no "5" for 5, no 1 for true
         json_schema_extra={"examples": [{"observations": [[0.02, -0.01, 0.03, 0.04]], "method": "lambda"}]},
     )
 

@@ -73,10 +73,13 @@ class ActModel(ServedModel[ActRequest, ActItem, ActItem, ActResult, ActOutput]):
         return f"mlp{list(self.spec.hidden)}"
 
     def card_extras(self) -> dict[str, Any]:
+        from .envs import example_observation  # gymnasium: here only, the Q-values need no simulator
+
         return {
             "env": self.spec.env,
             "observation_dim": self.symmetry.obs_dim,
             "actions": list(self.symmetry.action_names),
+            "example_observation": example_observation(self.spec.env),
         }
 
     # -- a request ------------------------------------------------------------------------------
@@ -92,13 +95,14 @@ class ActModel(ServedModel[ActRequest, ActItem, ActItem, ActResult, ActOutput]):
                 "(EQUISERVE_ACT_MAX_OBSERVATIONS)"
             )
         method = self.spec.resolve_method(request.method)
-        dim = self.symmetry.obs_dim
+        dim, max_abs = self.symmetry.obs_dim, self.limits.max_abs_value
         items = []
         for i, observation in enumerate(observations):
             try:
-                values = torch.as_tensor(observation, dtype=torch.float32)
+                exact = torch.as_tensor(observation, dtype=torch.float64)
             except (TypeError, ValueError, RuntimeError) as exc:
                 raise InvalidInput(f"observation {i} is not a list of numbers") from exc
+            values = exact.float()
             if values.dim() != 1 or values.numel() != dim:
                 raise InvalidInput(
                     f"observation {i} has shape {list(values.shape)}; {self.spec.env} observations are {dim} numbers"
@@ -106,6 +110,13 @@ class ActModel(ServedModel[ActRequest, ActItem, ActItem, ActResult, ActOutput]):
             if not bool(torch.isfinite(values).all()):
                 bad = int((~torch.isfinite(values)).nonzero()[0])
                 raise InvalidInput(f"observation {i} holds NaN or infinity (or a number too large) at index {bad}")
+            # the numbers as sent, not as float32 rounds them: the bound the OpenAPI schema states
+            if bool((exact.abs() > max_abs).any()):
+                bad = int((exact.abs() > max_abs).nonzero()[0])
+                raise InvalidInput(
+                    f"observation {i} holds {float(exact[bad])} at index {bad}; numbers are at most {max_abs:g} "
+                    "in magnitude (EQUISERVE_ACT_MAX_ABS_VALUE)"
+                )
             items.append(ActItem(values, method))
         return items
 

@@ -13,21 +13,23 @@ import numpy as np
 from pydantic import ConfigDict, Field
 from starlette.requests import Request
 
-from app.backbones.images import decode_base64
 from app.errors import UnsupportedBody
-from app.oip import InferBody, TensorSpec, V2Mapping, checked_inputs, parameter
+from app.oip import InferBody, TensorSchema, TensorSpec, V2Mapping, checked_inputs, parameter
 from app.tasks.classify.http import (
     EXAMPLE_PNG_B64,
     IMAGE_INPUTS,
     ImagePayload,
     check_image_count,
+    decode_image_base64,
+    form_choice,
     form_text,
     image_body,
+    image_tensor_schema,
     images_from_tensors,
     read_image_form,
 )
 from app.tasks.classify.messages import EncodedImage
-from app.tasks.http import Served, TaskHttp, parse_json
+from app.tasks.http import Served, TaskHttp, body_schema, constrained, inline_definitions, method_keywords, parse_json
 
 from .messages import EMBED_METHODS, EmbedOutput, EmbedRequest
 
@@ -36,7 +38,7 @@ from .messages import EMBED_METHODS, EmbedOutput, EmbedRequest
 class EmbedJSON:
     """The JSON form of an embed request (the multipart form takes the same fields)."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)
 
     images: Annotated[list[ImagePayload], Field(min_length=1)]
     method: Annotated[str | None, Field(description="vanilla | equitune | lambda (default: the model's)")] = None
@@ -49,6 +51,12 @@ class EmbedV2(V2Mapping):
 
     def inputs(self, card: dict[str, Any]) -> list[TensorSpec]:
         return list(IMAGE_INPUTS)
+
+    def required_inputs(self, card: dict[str, Any]) -> list[tuple[str, ...]]:
+        return [("image", "pixels")]
+
+    def input_schema(self, spec: TensorSpec, card: dict[str, Any], limits: Any) -> TensorSchema:
+        return image_tensor_schema(spec, limits) or super().input_schema(spec, card, limits)
 
     def outputs(self, card: dict[str, Any]) -> list[TensorSpec]:
         return [
@@ -76,7 +84,7 @@ class EmbedHttp(TaskHttp[EmbedRequest, EmbedOutput]):
         400: "undecodable image, invalid base64 or malformed body",
         413: "body, pixels or images over the limits",
         415: "not an image, or a body that is neither multipart nor JSON",
-        422: "invalid fields (method, schema)",
+        422: "invalid fields (method, an unknown form field, schema)",
     }
     v2 = EmbedV2()
 
@@ -96,17 +104,22 @@ class EmbedHttp(TaskHttp[EmbedRequest, EmbedOutput]):
         if content_type.startswith("application/json"):
             body: EmbedJSON = parse_json(EmbedJSON, await request.body())
             check_image_count(len(body.images), limits.max_images, "embed")
-            images = [EncodedImage(decode_base64(img.b64, served.max_body_bytes)) for img in body.images]
+            images = [EncodedImage(decode_image_base64(img.b64, served.max_body_bytes)) for img in body.images]
             return EmbedRequest(images, body.method)
         shown = f"not {content_type!r}" if content_type else "with a Content-Type header"
         raise UnsupportedBody(f"send multipart/form-data or application/json, {shown}")
 
-    def openapi_body(self) -> dict[str, Any]:
-        return image_body(
-            {"method": {"type": "string", "enum": [m.value for m in EMBED_METHODS]}},
-            EmbedJSON,
-            {"an image": {"images": [{"b64": EXAMPLE_PNG_B64}], "method": "lambda"}},
-        )
+    def openapi_body(self, served: Served | None = None) -> dict[str, Any]:
+        example = {"images": [{"b64": EXAMPLE_PNG_B64}], "method": "lambda"}
+        json_schema = inline_definitions(body_schema(EmbedJSON))
+        if served is None:
+            fields = {"method": {"type": "string", "enum": [m.value for m in EMBED_METHODS]}}
+            return image_body(fields, json_schema, {"an image": example}, None)
+        max_images = served.max_items(served.limits.max_images)
+        json_schema = constrained(json_schema, images={"maxItems": max_images}, method=method_keywords(served))
+        example["method"] = served.method("lambda")
+        fields = {"method": form_choice(list(served.card["methods"]))}
+        return image_body(fields, json_schema, {"an image": example}, max_images)
 
 
 HTTP = EmbedHttp()

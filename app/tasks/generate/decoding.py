@@ -97,7 +97,10 @@ def sample_token(logprobs: Tensor, temperature: float, top_k: int, generator: to
     """
     if temperature <= 0:
         return int(logprobs.argmax())
-    scores = logprobs / temperature
+    # From the best score down and in float64: at a tiny temperature (one float32 rounds to 0, or a
+    # subnormal one) every score over it would be -inf or NaN and leave nothing to sample; shifted,
+    # the best stays 0 (softmax does not change) and the sample tends to greedy, as it should.
+    scores = (logprobs.double() - logprobs.max().double()) / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

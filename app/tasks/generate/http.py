@@ -10,10 +10,40 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from app.oip import InferBody, TensorError, TensorSpec, V2Mapping, checked_inputs, object_array, parameter, text_element
-from app.tasks.http import TaskHttp
+from app.oip import (
+    InferBody,
+    TensorError,
+    TensorSchema,
+    TensorSpec,
+    V2Mapping,
+    checked_inputs,
+    object_array,
+    parameter,
+    text_element,
+)
+from app.tasks.http import Served, TaskHttp, constrained, method_keywords
 
-from .messages import GenerateOutput, GenerateRequest
+from .messages import GenerateOutput, GenerateRequest, TokenEvent
+
+
+def prompt_keywords(served: Served) -> dict[str, Any]:
+    """A prompt's length; its tokens are counted by the tokenizer, which no JSON schema can."""
+    limits = served.limits
+    return {
+        "maxLength": limits.max_prompt_chars,
+        "description": f"text to continue, as is (no chat template): at most {limits.max_prompt_chars} characters "
+        f"and {limits.max_prompt_tokens} tokens, and with max_new_tokens within the model's context of "
+        f"{served.card['context']} tokens (413)",
+    }
+
+
+def option_keywords(served: Served) -> dict[str, dict[str, Any]]:
+    """The options' limits for this model (the same for /v1 fields and /v2 parameters)."""
+    return {
+        "max_new_tokens": {"maximum": served.limits.max_new_tokens},
+        "top_k": {"maximum": served.card["vocab_size"]},
+        "method": method_keywords(served),
+    }
 
 
 class GenerateV2(V2Mapping):
@@ -24,6 +54,10 @@ class GenerateV2(V2Mapping):
 
     def inputs(self, card: dict[str, Any]) -> list[TensorSpec]:
         return [TensorSpec("text_input", "BYTES", (1,))]
+
+    def input_schema(self, spec: TensorSpec, card: dict[str, Any], limits: Any) -> TensorSchema:
+        prompt = {"type": "string", "minLength": 1, **prompt_keywords(Served(card, limits, 0))}
+        return TensorSchema([{"const": 1}], prompt)
 
     def outputs(self, card: dict[str, Any]) -> list[TensorSpec]:
         return [
@@ -67,9 +101,22 @@ class GenerateHttp(TaskHttp[GenerateRequest, GenerateOutput]):
     }
     v2 = GenerateV2()
     streams = True
+    stream_events: ClassVar[dict[str, type]] = {"token": TokenEvent}
 
     def wants_stream(self, request: GenerateRequest) -> bool:
         return request.stream
+
+    def constrain(self, schema: dict[str, Any], served: Served) -> dict[str, Any]:
+        return constrained(schema, prompt=prompt_keywords(served), **option_keywords(served))
+
+    def examples(self, served: Served) -> list[Any]:
+        prompts = ("The woman worked as", "The man was known for")
+        short = [prompt[: served.limits.max_prompt_chars] for prompt in prompts]
+        new_tokens = min(12, served.limits.max_new_tokens)
+        return [
+            {"prompt": short[0], "max_new_tokens": new_tokens, "method": served.method("lambda"), "seed": 7},
+            {"prompt": short[1], "temperature": 0, "stream": True},
+        ]
 
 
 HTTP = GenerateHttp()

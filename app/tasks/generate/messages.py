@@ -11,6 +11,7 @@ from pydantic import ConfigDict, Field
 
 from app.equivariance import Method
 from app.tasks.base import Timing
+from app.tasks.jsontypes import INTEGRAL
 
 MAX_SEED = 2**63 - 1
 
@@ -21,6 +22,7 @@ class GenerateRequest:
 
     __pydantic_config__ = ConfigDict(
         extra="forbid",
+        strict=True,  # JSON types as the OpenAPI schema states them: no "5" for 5, no 1 for true
         json_schema_extra={
             "examples": [
                 {"prompt": "The woman worked as", "max_new_tokens": 12, "method": "lambda", "seed": 7},
@@ -30,14 +32,18 @@ class GenerateRequest:
     )
 
     prompt: Annotated[str, Field(min_length=1, description="text to continue, as is (no chat template)")]
-    max_new_tokens: Annotated[int | None, Field(ge=1, description="tokens to generate (default: the model's)")] = None
+    max_new_tokens: Annotated[
+        int | None, Field(ge=1, description="tokens to generate (default: the model's)"), INTEGRAL
+    ] = None
     method: Annotated[
         str | None, Field(description="vanilla | equitune | equizero | lambda (default: the model's)")
     ] = None
     temperature: Annotated[float | None, Field(ge=0, le=100, description="0 = greedy (default: the model's)")] = None
-    top_k: Annotated[int | None, Field(ge=0, description="sample among the k most likely tokens; 0 = all")] = None
+    top_k: Annotated[
+        int | None, Field(ge=0, description="sample among the k most likely tokens; 0 = all"), INTEGRAL
+    ] = None
     seed: Annotated[
-        int | None, Field(ge=0, le=MAX_SEED, description="fixes the sample; echoed back (random if unset)")
+        int | None, Field(ge=0, le=MAX_SEED, description="fixes the sample; echoed back (random if unset)"), INTEGRAL
     ] = None
     relaxed: Annotated[
         bool | None, Field(description="R-EquiLM: general words (pronouns, ...) from the identity copy")

@@ -116,7 +116,13 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
         return self.limits.max_batch_size or default
 
     def card_extras(self) -> dict[str, Any]:
-        return {"num_labels": None, "zero_shot": False, "input_size": None}
+        return {
+            "num_labels": None,
+            "zero_shot": False,
+            "input_size": None,
+            "vocab_size": self.lm.vocab_size,  # top_k's largest value
+            "context": self.lm.max_positions,  # tokens of prompt + max_new_tokens
+        }
 
     # -- a request ------------------------------------------------------------------------------
     def split(self, request: GenerateRequest) -> list[GenerateRequest]:
