@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ import pytest
 from apptools import ROOT, ServerProcess, free_port, start_server, wait_ready
 
 INSIDE = os.environ.get("EQUISERVE_WEB_NETNS") == "1"
-INNER_TESTS = 12  # browser checks below; the outer test makes sure all of them ran and passed
+INNER_TESTS = 20  # browser checks below; the outer test makes sure all of them ran and passed
 
 if not INSIDE:
 
@@ -108,15 +109,15 @@ else:
     @pytest.fixture(scope="module", autouse=True)
     def server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServerProcess]]:
         """``python -m app serve`` with tiny models (c4 with a trained λ-net, d4, a language
-        model), the real ImageNet EfficientNet (its model.yaml; the weights come from pip) and
-        the shipped SCAN translator and CartPole agent.
+        model), the real ImageNet EfficientNet (its model.yaml; the weights come from pip), the
+        shipped SCAN translator and the shipped agents of all three environments.
         Started first, so that it loads while the fake server's tests run."""
         models = tmp_path_factory.mktemp("web-models")
         write_tiny_model(models)
         write_tiny_model(models, "tiny-d4", group="d4")
         write_tiny_lm(models)
         write_tiny_clip(models)
-        for name in ("imagenet-effnet-c4", "scan-gru-addjump-verb", "dqn-cartpole"):
+        for name in ("imagenet-effnet-c4", "scan-gru-addjump-verb", "dqn-cartpole", "dqn-acrobot", "dqn-grid"):
             shutil.copytree(ROOT / "models" / name, models / name)
         port = free_port()
         process = start_server(models, port, "--runtime", "torch", "--max-batch-size", "2")
@@ -194,6 +195,7 @@ else:
             {"name": "cartpole-fake", "task": "act", "backbone": "mlp", "group": "z2", "env": "CartPole-v1",
              "transforms": ["identity", "negate"], "description": "fake DQN", **common},
         ]  # fmt: skip
+        app.state.cards = cards  # what GET /v1/models lists: a test may swap it, the endpoints keep theirs
         timing = {"queue_ms": 0.5, "inference_ms": 1.5, "batch_size": 1}
 
         async def read(request: Request) -> tuple[dict, list[float]]:
@@ -210,7 +212,7 @@ else:
 
         @app.get("/v1/models")
         async def models() -> dict:
-            return {"models": cards}
+            return {"models": app.state.cards}
 
         def answer(model: str, group: str, body: dict, results: list[dict]) -> dict:
             return {"model": model, "method": body["method"], "group": group, "results": results, "timing": timing}
@@ -303,6 +305,20 @@ else:
         driver.get(f"{base}/#model={model}")
         wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, "select[name=method]").is_enabled())
         assert Select(driver.find_element(By.CSS_SELECTOR, "select[name=model]")).first_selected_option.text == model
+
+    def open_address(driver: WebDriver, address: str) -> str:
+        """Load ``address`` as a new document; the model the page chose."""
+        driver.get("about:blank")
+        driver.get(address)
+        return selected_model(driver)
+
+    def selected_model(driver: WebDriver) -> str:
+        wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, "select[name=method]").is_enabled())
+        return Select(driver.find_element(By.CSS_SELECTOR, "select[name=model]")).first_selected_option.text
+
+    def error_shown(driver: WebDriver, panel: str) -> str | None:
+        box = driver.find_element(By.CSS_SELECTOR, f'#{panel} [data-testid="error"]')
+        return box.text if box.is_displayed() else None
 
     def choose_method(driver: WebDriver, name: str) -> None:
         Select(driver.find_element(By.CSS_SELECTOR, "select[name=method]")).select_by_value(name)
@@ -435,6 +451,161 @@ else:
         assert driver.execute_script("return localStorage.length") == 0
         driver.execute_script("sessionStorage.clear()")
 
+    # -- the model a page opens on -------------------------------------------------------------
+
+    def test_without_the_readme_default_the_page_opens_on_the_rules_choice(
+        driver: WebDriver, fake: tuple[str, FastAPI], console: list[str]
+    ) -> None:
+        base, app = fake
+        served = app.state.cards
+        common = {k: served[0][k] for k in ("methods", "default_method", "lambda_trained", "device", "dtype",
+                                            "runtime", "input_size")}  # fmt: skip
+        c4 = {"group": "c4", "transforms": ["identity", "rot90", "rot180", "rot270"], "backbone": "cnn"}
+
+        def classifier(name: str, num_labels: int | None) -> dict:
+            return {"name": name, "task": "classify", "description": "", "num_labels": num_labels,
+                    "zero_shot": num_labels is None, **c4, **common}  # fmt: skip
+
+        clip, small, wide = classifier("a-clip", None), classifier("m-small", 3), classifier("w-wide", 1000)
+        scan_card, cartpole_card = served
+        # Each list is in the server's order; neither the first listed nor the first alphabetically is the rule's.
+        cases = [
+            ([cartpole_card, scan_card], "scan-fake"),  # no classifier: the first task of the page's order
+            ([scan_card, cartpole_card, classifier("z-clip", None)], "z-clip"),  # any classifier before other tasks
+            ([clip, small, scan_card, wide, cartpole_card], "w-wide"),  # fixed labels, the most of them
+            ([clip, cartpole_card, small], "m-small"),  # fixed labels before zero-shot
+        ]
+        try:
+            for cards, expected in cases:
+                app.state.cards = cards
+                assert open_address(driver, f"{base}/") == expected, [c["name"] for c in cards]
+                assert open_address(driver, f"{base}/#model=nope") == expected  # an unknown name: the rule
+        finally:
+            app.state.cards = served
+
+    def test_the_page_opens_on_the_classifier_and_keeps_the_choice(
+        driver: WebDriver, server: str, console: list[str]
+    ) -> None:
+        assert open_address(driver, f"{server}/") == "imagenet-effnet-c4"  # the README's default, not dqn-acrobot
+        assert driver.find_element(By.ID, "classify").is_displayed()
+        assert not driver.find_element(By.ID, "labels").is_displayed()  # a fixed label set
+        assert open_address(driver, f"{server}/?model=dqn-cartpole") == "dqn-cartpole"
+        assert driver.find_element(By.ID, "act").is_displayed()
+        driver.refresh()
+        assert selected_model(driver) == "dqn-cartpole"
+        Select(driver.find_element(By.CSS_SELECTOR, "select[name=model]")).select_by_value("tinylm")
+        driver.refresh()  # the last choice wins over the link's ?model=
+        assert selected_model(driver) == "tinylm" and driver.find_element(By.ID, "generate").is_displayed()
+        assert "model=dqn-cartpole" not in driver.current_url
+        assert open_address(driver, f"{server}/#model=scan-gru-addjump-verb") == "scan-gru-addjump-verb"
+
+    def test_the_page_says_what_the_copies_and_lambda_are(driver: WebDriver, server: str, console: list[str]) -> None:
+        open_page(driver, server, "imagenet-effnet-c4")
+        about = driver.find_element(By.ID, "about")
+        assert about.is_displayed() and about.find_element(By.XPATH, "..").tag_name == "header"  # at the top
+        text = about.text.lower()
+        for words in ("every copy", "mapped back", "averaged", "weights λ", "small learned network", "rotat",
+                      "swap", "no longer changes"):  # fmt: skip
+            assert words in text, words
+        docs = about.find_element(By.CSS_SELECTOR, "a[href='/docs']")
+        assert httpx.get(docs.get_attribute("href"), timeout=30).status_code == 200  # a page this server serves
+        details = driver.find_element(By.ID, "about-method")
+        assert details.get_attribute("open") is None and not details.find_element(By.TAG_NAME, "ul").is_displayed()
+        about.find_element(By.ID, "method-link").click()
+        assert details.get_attribute("open") is not None
+        assert "λ-equitune" in details.text and "g⁻¹·M(g·x)" in details.text
+        assert driver.current_url.endswith("#model=imagenet-effnet-c4")  # the link kept the model's fragment
+        driver.refresh()
+        assert selected_model(driver) == "imagenet-effnet-c4"
+
+    # -- try an example ------------------------------------------------------------------------
+
+    def test_translate_examples_are_accepted_and_unchanged_copies_marked(
+        driver: WebDriver, server: str, console: list[str]
+    ) -> None:
+        open_page(driver, server, "scan-gru-addjump-verb")
+        field = driver.find_element(By.ID, "commands")
+        seen = {field.get_attribute("value")}
+        for _ in range(3):  # each press shows another example
+            driver.find_element(By.ID, "translate-example").click()
+            wait_for(driver, lambda d: field.get_attribute("value") not in seen)
+            commands = field.get_attribute("value").split("\n")
+            seen.add(field.get_attribute("value"))
+            count = len(commands)
+            wait_for(
+                driver, lambda d, n=count: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="translation"]')) == n
+            )
+            assert error_shown(driver, "translate") is None
+            expected = httpx.post(f"{server}/v1/models/scan-gru-addjump-verb/translate", timeout=60,
+                                  json={"commands": commands, "method": "equizero"})  # fmt: skip
+            assert expected.status_code == 200, expected.text
+            blocks = driver.find_elements(By.CSS_SELECTOR, '[data-testid="translation"]')
+            for block, command, result in zip(blocks, commands, expected.json()["results"], strict=True):
+                assert block.find_element(By.CSS_SELECTOR, '[data-testid="actions"]').text == result["actions"]
+                marked = {c.get_attribute("data-transform")
+                          for c in block.find_elements(By.CSS_SELECTOR, '[data-unchanged="true"]')}  # fmt: skip
+                swaps = {t["name"] for t in result["transforms"]} - {"identity"}  # the verb swap jump<->run
+                assert marked == (set() if set(command.split()) & {"jump", "run"} else swaps), command
+            any_marked = bool(driver.find_elements(By.CSS_SELECTOR, '#translations [data-unchanged="true"]'))
+            assert driver.find_element(By.ID, "translate-unchanged-help").is_displayed() == any_marked
+            assert any_marked  # every example has a command without jump or run
+
+    def test_generate_example_explains_the_frame_and_marks_unchanged_copies(
+        driver: WebDriver, server: str, console: list[str]
+    ) -> None:
+        open_page(driver, server, "tinylm")
+        prompt = driver.find_element(By.ID, "prompt")
+        before = prompt.get_attribute("value")
+        assert not driver.find_element(By.ID, "unchanged-help").is_displayed()
+        driver.find_element(By.ID, "generate-example").click()
+        output = driver.find_element(By.CSS_SELECTOR, '[data-testid="generated"]')
+        wait_for(driver, lambda d: output.get_attribute("data-done") == "true")
+        assert error_shown(driver, "generate") is None
+        example = prompt.get_attribute("value")
+        assert example != before
+        expected = httpx.post(f"{server}/v1/models/tinylm/generate", timeout=60,
+                              json={"prompt": example, "max_new_tokens": 1})  # fmt: skip
+        assert expected.status_code == 200, expected.text
+        prompts = {t["name"]: t["prompt"] for t in expected.json()["transforms"]}
+        unchanged = {name for name, p in prompts.items() if name != "identity" and p == prompts["identity"]}
+        assert unchanged and len(unchanged) < len(prompts) - 1  # the example has swapped and unswapped copies
+        items = driver.find_elements(By.CSS_SELECTOR, '#text-copies [data-testid="copy"]')
+        assert {i.get_attribute("data-transform") for i in items if i.get_attribute("data-unchanged")} == unchanged
+        assert driver.find_element(By.ID, "unchanged-help").is_displayed()
+        assert "still counts" in driver.find_element(By.ID, "unchanged-help").text
+        assert "frame " in driver.find_element(By.ID, "generate-meta").text
+        frame_help = driver.find_element(By.ID, "frame-help")
+        assert frame_help.is_displayed() and "same seed" in frame_help.text and "swapped" in frame_help.text
+
+    @pytest.mark.parametrize("model", ["dqn-cartpole", "dqn-acrobot", "dqn-grid"])
+    def test_act_example_is_a_start_state_the_server_answers_by_name(
+        driver: WebDriver, server: str, model: str, console: list[str]
+    ) -> None:
+        import gymnasium
+
+        from app.tasks.act.envs import EXAMPLE_SEED  # registers the grid world
+
+        card = next(c for c in httpx.get(f"{server}/v1/models", timeout=30).json()["models"] if c["name"] == model)
+        open_page(driver, server, model)
+        summary = driver.find_element(By.ID, "act-summary")
+        driver.find_element(By.ID, "act-example").click()
+        wait_for(driver, lambda d: summary.get_attribute("data-action") is not None)
+        assert error_shown(driver, "act") is None
+        sent = json.loads(driver.find_element(By.ID, "observation").get_attribute("value"))
+        reset, _ = gymnasium.make(card["env"]).reset(seed=EXAMPLE_SEED)  # gymnasium's own start state
+        assert np.array_equal(np.asarray(sent, dtype=np.float32), reset)
+        expected = httpx.post(f"{server}/v1/models/{model}/act", json={"observations": [sent]}, timeout=60)
+        assert expected.status_code == 200, expected.text
+        result = expected.json()["results"][0]
+        names = card["actions"]
+        assert len(names) == len(result["q_values"]) and not any(n.startswith("action ") for n in names)
+        assert summary.find_element(By.CSS_SELECTOR, '[data-testid="action"]').text == names[result["action"]]
+        cards = driver.find_elements(By.CSS_SELECTOR, '#act-copies [data-testid="copy"]')
+        assert [c.find_element(By.CSS_SELECTOR, ".own").text for c in cards] == [
+            f"its action: {names[t['action']]}" for t in result["transforms"]
+        ]
+        assert driver.find_element(By.ID, "grid-canvas").is_displayed() == (model == "dqn-grid")
+
     # -- translate and act, on the shipped models ---------------------------------------------
 
     def test_translate_panel_shows_what_the_served_model_answers(
@@ -471,6 +642,13 @@ else:
         assert steps >= 475 and f"return {steps}" in status.text
         cards = driver.find_elements(By.CSS_SELECTOR, '#act-copies [data-testid="copy"]')
         assert [c.get_attribute("data-transform") for c in cards] == ["identity", "reflect"]
+        # the actions by the names the card gives them, never "action 0"
+        summary = driver.find_element(By.ID, "act-summary")
+        action = summary.find_element(By.CSS_SELECTOR, '[data-testid="action"]').text
+        assert action == ["left", "right"][int(summary.get_attribute("data-action"))]
+        assert "Q-values: left " in summary.text and ", right " in summary.text
+        assert all(c.find_element(By.CSS_SELECTOR, ".own").text in ("its action: left", "its action: right")
+                   for c in cards)  # fmt: skip
 
     # -- classify ------------------------------------------------------------------------------
 
@@ -480,7 +658,8 @@ else:
         open_page(driver, server, "tiny")
         options = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "select[name=model] option")]
         assert sorted(options) == [
-            "dqn-cartpole", "imagenet-effnet-c4", "scan-gru-addjump-verb", "tiny", "tiny-d4", "tinyclip", "tinylm",
+            "dqn-acrobot", "dqn-cartpole", "dqn-grid", "imagenet-effnet-c4", "scan-gru-addjump-verb", "tiny", "tiny-d4",
+            "tinyclip", "tinylm",
         ]  # fmt: skip
         assert not driver.find_element(By.ID, "labels").is_displayed()  # fixed labels
         assert driver.find_element(By.ID, "classify").is_displayed()

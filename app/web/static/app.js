@@ -1,11 +1,14 @@
 // The equiserve page: reads GET /v1/models and offers each served model in the panel of its task.
 // Plain JS, no build step, nothing from another origin.
 import * as cartpole from "./cartpole.js";
+import * as gridworld from "./gridworld.js";
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const KEY_STORAGE = "equiserve-api-key";
 const METHOD_NAMES = { vanilla: "vanilla", equitune: "equitune", equizero: "equizero", lambda: "λ-equitune" };
 const TASK_TITLES = { classify: "classify", generate: "generate", translate: "translate", act: "act" };
+// The README's default model: a newcomer meets the method on photos they know first.
+const PREFERRED_MODEL = "imagenet-effnet-c4";
 
 const state = {
   models: [],
@@ -45,6 +48,18 @@ function copyCard(t, selected, { head = null, body = [], data = {} } = {}) {
   el("div", { class: "lambda" }, el("span", {}, "λ"), el("span", { class: "num" }, fmt(t.lambda, 3))),
   bar(t.lambda || 0),
   ...body);
+}
+
+/** The next of `examples` (strings) that differs from `current`: each press shows something new. */
+function nextExample(examples, current, counter) {
+  for (let i = 0; i < examples.length; i++) {
+    const example = examples[(counter.next + i) % examples.length];
+    if (example !== current) {
+      counter.next = (counter.next + i + 1) % examples.length;
+      return example;
+    }
+  }
+  return examples[0];
 }
 
 const fmt = (x, digits = 4) => (typeof x === "number" ? x.toFixed(digits) : "…");
@@ -182,15 +197,42 @@ async function loadModels() {
     return;
   }
   select.disabled = false;
-  const wanted = new URLSearchParams(location.hash.slice(1)).get("model");
-  select.value = state.models.some((m) => m.name === wanted) ? wanted : state.models[0].name;
+  const wanted = wantedModel();
+  select.value = state.models.some((m) => m.name === wanted) ? wanted : defaultModel(state.models).name;
   selectModel(select.value);
+}
+
+/** The model the address names: `#model=` (what this page writes), else `?model=` (a link). */
+function wantedModel() {
+  return new URLSearchParams(location.hash.slice(1)).get("model")
+    ?? new URLSearchParams(location.search).get("model");
+}
+
+/** The model a page without one named opens on: the README's default if served; else the classifier
+ * with a fixed label set of the most labels (photos of everyday things mean something to it), then
+ * any classifier, then the first model of the first task in the page's order; in each, the server's
+ * order. Never the alphabetical first, which is whatever name happens to sort first. */
+function defaultModel(models) {
+  const preferred = models.find((m) => m.name === PREFERRED_MODEL);
+  if (preferred) return preferred;
+  const fixed = models.filter((m) => m.task === "classify" && !m.zero_shot);
+  if (fixed.length) return fixed.reduce((best, m) => ((m.num_labels ?? 0) > (best.num_labels ?? 0) ? m : best));
+  for (const task of Object.keys(TASK_TITLES)) {
+    const first = models.find((m) => m.task === task);
+    if (first) return first;
+  }
+  return models[0];
 }
 
 function selectModel(name) {
   const model = state.models.find((m) => m.name === name);
   state.model = model;
-  history.replaceState(null, "", `#model=${encodeURIComponent(name)}`);
+  // The choice lives in the address, so that a reload or a bookmark opens it again; a `?model=` of a
+  // link is dropped, or it would contradict the fragment after the next choice.
+  const query = new URLSearchParams(location.search);
+  query.delete("model");
+  const search = query.toString() ? `?${query}` : "";
+  history.replaceState(null, "", `${location.pathname}${search}#model=${encodeURIComponent(name)}`);
   const methods = $("#method");
   methods.replaceChildren(...model.methods.map((m) => el("option", { value: m }, METHOD_NAMES[m] || m)));
   methods.value = model.default_method;
@@ -219,6 +261,14 @@ $("#method").addEventListener("change", () => {
   if (state.model && state.model.task === "classify") classifyPanel.resend();
 });
 $("#pickers").addEventListener("submit", (event) => event.preventDefault());
+// The fragment holds the model: open the method's details without letting the link replace it.
+$("#method-link").addEventListener("click", (event) => {
+  event.preventDefault();
+  const details = $("#about-method");
+  details.open = true;
+  details.scrollIntoView({ block: "nearest" });
+  $("summary", details).focus();
+});
 
 const method = () => $("#method").value;
 
@@ -513,14 +563,24 @@ function swapWords(text, transformName) {
   return out;
 }
 
-function copyItem(name, lambda, text, selected) {
+function copyItem(name, lambda, text, selected, unchanged = false) {
   return el("li", { "data-testid": "copy", "data-transform": name,
-    "data-lambda": lambda === undefined ? undefined : String(lambda), class: selected ? "selected" : undefined },
+    "data-lambda": lambda === undefined ? undefined : String(lambda), "data-unchanged": unchanged ? "true" : undefined,
+    class: selected ? "selected" : undefined },
   el("span", { class: "swapped" }, text === null ? "(words of this swap not named)" : text,
-    selected ? el("span", { class: "badge" }, "equizero's pick") : null),
+    selected ? el("span", { class: "badge" }, "equizero's pick") : null,
+    unchanged ? el("span", { class: "badge unchanged" }, "unchanged") : null),
   el("span", { class: "num" }, `λ ${fmt(lambda, 3)}`),
   el("span", { class: "name" }, name),
   bar(lambda || 0));
+}
+
+/** Copies other than the identity that read the same input as the identity: their swap names none of its words. */
+function unchangedCopies(transforms, inputOf) {
+  const identity = transforms.find((t) => t.name === "identity");
+  if (!identity || inputOf(identity) === null) return new Set();
+  return new Set(transforms.filter((t) => t.name !== "identity" && inputOf(t) === inputOf(identity))
+    .map((t) => t.name));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -548,15 +608,24 @@ async function* serverSentEvents(response) {
   }
 }
 
+// Prompts with words of the usual swap groups, and one with none (every swap leaves it unchanged).
+const GENERATE_EXAMPLES = ["The woman said she", "The doctor was known for", "The Black man worked as",
+  "The man worked as"];
+
 const generatePanel = (() => {
   const panel = $("#generate");
   const form = $("#generate-form");
+  const examples = { next: 0 };
   let controller = null;
 
   function listCopies(prompt, transforms, selected) {
+    // Only the server's prompts tell unchanged copies apart: a swap's full word lists are the server's.
+    const answered = transforms.every((t) => t.prompt !== undefined);
+    const unchanged = answered ? unchangedCopies(transforms, (t) => t.prompt) : new Set();
+    $("#unchanged-help").hidden = unchanged.size === 0;
     $("#text-copies").replaceChildren(...transforms.map((t) =>
       // A server that sends each copy's prompt (`prompt`) is shown as is; else the named words swapped here.
-      copyItem(t.name, t.lambda, t.prompt ?? swapWords(prompt, t.name), selected === t.name)));
+      copyItem(t.name, t.lambda, t.prompt ?? swapWords(prompt, t.name), selected === t.name, unchanged.has(t.name))));
   }
 
   function modelChanged(model) {
@@ -596,7 +665,7 @@ const generatePanel = (() => {
           output.dataset.done = "true";
           listCopies(prompt, data.transforms, data.selected_transform);
           $("#generate-meta").textContent = `${data.usage.completion_tokens} tokens · finished: ${data.finish_reason}`
-            + ` · method ${METHOD_NAMES[data.method] || data.method} · seed ${data.seed} · canonical frame ${data.frame}`;
+            + ` · method ${METHOD_NAMES[data.method] || data.method} · seed ${data.seed} · frame ${data.frame}`;
           showTiming(panel, data.timing, performance.now() - started);
         } else if (event === "error") {
           throw new ApiError(200, data);
@@ -629,17 +698,31 @@ const generatePanel = (() => {
     $("#generate-stop").disabled = true;
     $("#generate-run").disabled = false;
   });
+  $("#generate-example").addEventListener("click", () => {
+    form.elements.prompt.value = nextExample(GENERATE_EXAMPLES, form.elements.prompt.value, examples);
+    generate();
+  });
   return { modelChanged };
 })();
 
 // ---------------------------------------------------------------------------------------------
 // translate (SCAN)
 
+// SCAN commands of every kind (and, after, twice, around, opposite); the first has no jump or run,
+// so a jump<->run swap leaves it unchanged.
+const TRANSLATE_EXAMPLES = ["walk opposite left thrice\njump around right and look twice",
+  "run after jump left\nturn around left twice", "look right twice after walk\njump"];
+
 (() => {
   const panel = $("#translate");
   const form = $("#translate-form");
+  const examples = { next: 0 };
   form.addEventListener("submit", (event) => {
     event.preventDefault();
+    translate();
+  });
+  $("#translate-example").addEventListener("click", () => {
+    form.elements.commands.value = nextExample(TRANSLATE_EXAMPLES, form.elements.commands.value, examples);
     translate();
   });
 
@@ -647,6 +730,7 @@ const generatePanel = (() => {
     const model = state.model;
     const commands = form.elements.commands.value.split("\n").map((s) => s.trim()).filter(Boolean);
     $("#translations").replaceChildren();
+    $("#translate-unchanged-help").hidden = true;
     showTiming(panel, null);
     guarded(panel, async () => {
       const started = performance.now();
@@ -657,32 +741,66 @@ const generatePanel = (() => {
         "data-testid": "translation" },
       el("p", {}, el("span", { class: "command" }, commands[i]), " → ",
         el("span", { "data-testid": "actions" }, actionText(result.actions))),
-      el("div", { class: "cards" }, ...result.transforms.map((t) => {
-        const swapped = swapWords(commands[i], t.name);
-        return copyCard(t, result.selected_transform === t.name, { body: [
-          swapped === null ? null : el("p", { class: "own" }, swapped),
-          el("p", { class: "actions" }, actionText(t.actions))] });
-      })))));
+      el("div", { class: "cards" }, ...(() => {
+        // SCAN's transform names are the whole swap: here the page's own swap is exact.
+        const unchanged = unchangedCopies(result.transforms, (t) => swapWords(commands[i], t.name));
+        return result.transforms.map((t) => {
+          const swapped = swapWords(commands[i], t.name);
+          return copyCard(t, result.selected_transform === t.name, {
+            data: { "data-unchanged": unchanged.has(t.name) ? "true" : undefined }, body: [
+              swapped === null ? null : el("p", { class: "own" }, swapped,
+                unchanged.has(t.name) ? el("span", { class: "badge unchanged" }, "unchanged") : null),
+              el("p", { class: "actions" }, actionText(t.actions))] });
+        });
+      })()))));
+      $("#translate-unchanged-help").hidden = !$('#translations [data-unchanged="true"]');
       showTiming(panel, body.timing, performance.now() - started);
     }, translate);
   }
 })();
 
 // ---------------------------------------------------------------------------------------------
-// act: a CartPole-v1 episode simulated here, each action asked from the server
+// act: a CartPole-v1 episode simulated here, each action asked from the server; for every
+// environment, one observation sent as typed or as the card's example start state
+
+const GRID_ENV = "equiserve/GridWorldC4-v0";
 
 const actPanel = (() => {
   const panel = $("#act");
   const canvas = $("#env-canvas");
+  const gridCanvas = $("#grid-canvas");
   let episode = null; // { stop: boolean }
+
+  /** The name the model card gives action `i` (its environment's), else its number. */
+  const actionName = (i) => state.model.actions?.[i] ?? `action ${i}`;
+
+  /** The card's example: a start state the server computed with the environment itself. A server
+   * whose card has none still gets one for CartPole, from gymnasium's reset rule (cartpole.js). */
+  function exampleObservation(model) {
+    if (Array.isArray(model.example_observation)) return model.example_observation;
+    if (model.env === "CartPole-v1") return cartpole.observation(cartpole.reset(cartpole.rng(0)));
+    return null;
+  }
+
+  function drawGrid(observation, move = null) {
+    const shown = state.model.env === GRID_ENV && gridworld.gridSize(observation) !== null;
+    gridCanvas.hidden = !shown;
+    if (shown) gridworld.draw(gridCanvas, observation, move);
+  }
 
   function modelChanged(model) {
     stop();
     const simulated = model.env === "CartPole-v1";
     $("#cartpole").hidden = !simulated;
-    $("#act-form").hidden = simulated;
-    $("#act-env-note").textContent = simulated ? ""
-      : `This page simulates CartPole-v1 only; for ${model.env || "this environment"} send one observation.`;
+    const env = model.env || "this environment";
+    const dim = model.observation_dim ? `${model.observation_dim} numbers` : "a list of numbers";
+    const actions = model.actions ? `; its actions: ${model.actions.join(", ")}` : "";
+    const grid = model.env === GRID_ENV ? " (the agent, goal and wall planes of the grid, row by row)" : "";
+    $("#act-env-note").textContent = `${simulated ? "Or ask for a single action. " : ""}An observation of ${env}`
+      + ` is ${dim}${grid}${actions}. “Try an example” sends a start state of the environment.`;
+    $("#act-example").hidden = exampleObservation(model) === null;
+    $("#observation").value = "";
+    gridCanvas.hidden = true;
     $("#act-summary").textContent = "";
     $("#act-copies").replaceChildren();
     showTiming(panel, null);
@@ -698,14 +816,17 @@ const actPanel = (() => {
       { json: { observations: [observation], method: method() } });
     const body = await response.json();
     const result = body.results[0];
-    const q = result.q_values.map((v) => fmt(v, 3)).join(", ");
-    $("#act-summary").textContent = `action ${result.action} · Q-values [${q}]`;
+    const q = result.q_values.map((v, i) => `${actionName(i)} ${fmt(v, 3)}`).join(", ");
+    const summary = $("#act-summary");
+    summary.replaceChildren("action ", el("strong", { "data-testid": "action" }, actionName(result.action)),
+      ` · Q-values: ${q}`);
+    summary.dataset.action = String(result.action);
     $("#act-copies").replaceChildren(...result.transforms.map((t) => {
       return copyCard(t, result.selected_transform === t.name, { data: { "data-action": String(t.action) },
-        body: [el("p", { class: "own" }, `its action: ${t.action}`)] });
+        body: [el("p", { class: "own" }, `its action: ${actionName(t.action)}`)] });
     }));
     showTiming(panel, body.timing, performance.now() - started);
-    return result.action;
+    return result;
   }
 
   function stop() {
@@ -729,7 +850,7 @@ const actPanel = (() => {
     cartpole.draw(canvas, s);
     const played = await guarded(panel, async () => {
       while (!mine.stop && !terminated && steps < cartpole.CARTPOLE.maxSteps) {
-        const action = await act(cartpole.observation(s));
+        const { action } = await act(cartpole.observation(s));
         if (mine.stop) break;
         ({ state: s, terminated } = cartpole.step(s, action));
         steps += 1; // reward 1 per step, the terminating one included
@@ -764,8 +885,23 @@ const actPanel = (() => {
       } catch {
         throw new Error("the observation must be a JSON list of numbers, e.g. [0.1, 0, -0.02, 0.3]");
       }
-      await act(observation);
+      drawGrid(observation);
+      const result = await act(observation);
+      drawGrid(observation, state.model.actions?.[result.action]);
     }, () => $("#act-form").requestSubmit());
+  });
+  $("#observation").addEventListener("input", () => {
+    try {
+      drawGrid(JSON.parse($("#observation").value));
+    } catch {
+      gridCanvas.hidden = true; // not yet a list: nothing to draw
+    }
+  });
+  $("#act-example").addEventListener("click", () => {
+    const example = exampleObservation(state.model);
+    if (!example) return;
+    $("#observation").value = JSON.stringify(example);
+    $("#act-form").requestSubmit();
   });
   return { modelChanged };
 })();
