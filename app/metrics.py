@@ -89,7 +89,7 @@ class Metrics:
             "equiserve_rejected_requests", "Requests refused before inference", ["model", "reason"], registry=r
         )
         self.lambda_entropy = Histogram(
-            "equiserve_lambda_entropy", "Entropy (nats) of the normalised λ over the copies, per image",
+            "equiserve_lambda_entropy", "Entropy (nats) of the λ-net's weights over the copies, per item",
             ["model"], buckets=LAMBDA_ENTROPY_BUCKETS, registry=r,
         )  # fmt: skip
         self.selected_transform = Counter(

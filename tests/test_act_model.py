@@ -85,7 +85,7 @@ def test_diagnostics_of_every_method(runner: ActModel) -> None:
             assert result.action == max(range(2), key=lambda a: result.q_values[a])
             assert result.transforms[0].action == int(qnet_q[i].argmax())  # the identity copy is the plain net
             assert result.transforms[0].max_q == pytest.approx(float(qnet_q[i].max()), abs=1e-6)
-            assert result.lambda_entropy is not None and 0 <= result.lambda_entropy <= 0.7
+            assert result.lambda_net_entropy is not None and 0 <= result.lambda_net_entropy <= 0.7
             if method is Method.VANILLA:
                 assert weights == [1.0, 0.0] and result.q_values == pytest.approx(qnet_q[i].tolist(), abs=1e-6)
             if method is Method.EQUITUNE:

@@ -71,7 +71,16 @@ async def test_health_models_and_multipart_classify(tiny_models_dir: Path) -> No
         assert len(set(round(v, 6) for v in lambdas)) > 1  # a trained (random) λ-net is not uniform
         assert all(t["top_label"] in TINY_LABELS and 0 < t["top_score"] <= 1 for t in result["transforms"])
         assert result["selected_transform"] is None
-        assert 0 <= result["lambda_entropy"] <= np.log(4) + 1e-6
+        # lambda: the weights used are the λ-net's, so the two entropies agree
+        assert 0 <= result["lambda_net_entropy"] <= np.log(4) + 1e-6
+        used = -sum(w * np.log(w) for w in lambdas if w > 0)
+        assert result["weight_entropy"] == pytest.approx(used, abs=1e-6)
+        assert result["weight_entropy"] == pytest.approx(result["lambda_net_entropy"], abs=1e-5)
+        for method, expected in (("equizero", 0.0), ("equitune", np.log(4)), ("vanilla", 0.0)):
+            r = await client.post(URL, files=files, data={"method": method})
+            (other,) = r.json()["results"]
+            assert other["weight_entropy"] == pytest.approx(expected, abs=1e-6), method  # the weights it used
+            assert other["lambda_net_entropy"] == pytest.approx(result["lambda_net_entropy"], abs=1e-5), method
         timing = body["timing"]
         assert timing["batch_size"] >= 1 and timing["queue_ms"] >= 0 and timing["inference_ms"] > 0
 

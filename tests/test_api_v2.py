@@ -407,7 +407,7 @@ async def test_generate_text_input_to_text_output() -> None:
         finish_reason="length",
         transforms=[TransformWeight("identity", 0.75, "The woman worked as ☕"),
                     TransformWeight("swap:man<->woman", 0.25, "The man worked as ☕")],
-        selected_transform=None, lambda_entropy=0.56, frame="identity", seed=3, temperature=0.0, top_k=0,
+        selected_transform=None, lambda_net_entropy=0.56, frame="identity", seed=3, temperature=0.0, top_k=0,
         usage=Usage(4, 0), timing=Timing(0, 0, 1),
     )  # fmt: skip
     engine = StubEngine("tinylm", {"task": "generate", "transforms": swaps}, output)

@@ -63,7 +63,7 @@ SHAPES: dict[str, tuple[set[str], set[str]]] = {
     r"/v1/models$": ({"models"}, set()),
     r"/v1/models/[\w.-]+/classify$": (
         {"model", "method", "group", "results", "timing"},
-        {"predictions", "transforms", "selected_transform", "lambda_entropy"},
+        {"predictions", "transforms", "selected_transform", "lambda_net_entropy", "weight_entropy"},
     ),
     r"/v1/models/[\w.-]+/embed$": (
         {"model", "method", "group", "dim", "results", "timing"},

@@ -74,7 +74,8 @@ async def test_models_list_the_language_model_and_generate_answers(text_models_d
             "The Black man said he",
             "The Black woman said she",
         ]
-        assert body["lambda_entropy"] > 0 and body["selected_transform"] is None and body["frame"] in card["transforms"]
+        assert body["lambda_net_entropy"] > 0 and body["selected_transform"] is None
+        assert body["frame"] in card["transforms"]
         assert body["timing"]["batch_size"] == 1 and body["timing"]["inference_ms"] > 0
         # the same seed gives the same answer; no seed draws one and reports it
         again = (await client.post(URL, json={"prompt": "The man worked as", "max_new_tokens": 5, "method": "lambda",

@@ -186,9 +186,9 @@ def test_diagnostics_weights_and_frames(model: GenerateModel, runner: Decoder) -
     for request, result in zip(requests(model), results, strict=True):
         assert len(result.weights) == n and sum(result.weights) == pytest.approx(1.0, abs=1e-5)
         if request.method is Method.VANILLA:
-            assert result.weights == [1.0] + [0.0] * (n - 1) and result.lambda_entropy is None
+            assert result.weights == [1.0] + [0.0] * (n - 1) and result.lambda_net_entropy is None
         else:
-            assert 0 <= result.lambda_entropy <= torch.log(torch.tensor(float(n))) + 1e-6
+            assert 0 <= result.lambda_net_entropy <= torch.log(torch.tensor(float(n))) + 1e-6
         if request.method is Method.EQUITUNE:
             assert result.weights == pytest.approx([1 / n] * n)
         if request.method is Method.LAMBDA:

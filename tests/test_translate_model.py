@@ -85,7 +85,8 @@ def test_a_mixed_batch_answers_each_command_with_its_diagnostics(runner: Transla
         assert [t.name for t in result.transforms] == group.names
         assert sum(t.weight for t in result.transforms) == pytest.approx(1.0)
         assert (result.selected_transform is not None) == (item.method is Method.EQUIZERO)
-        assert result.lambda_entropy is not None and 0 <= result.lambda_entropy <= torch.log(torch.tensor(4.0)) + 1e-6
+        entropy = result.lambda_net_entropy
+        assert entropy is not None and 0 <= entropy <= torch.log(torch.tensor(4.0)) + 1e-6
         if item.method is Method.VANILLA and item.command != "turn right":
             # the identity copy alone is the plain model (for a command no swap fixes: see
             # app.equivariance.sequence on the tokens a copy of a fixed command may write)

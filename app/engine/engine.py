@@ -381,7 +381,7 @@ class Engine:
             raise InferenceFailed(f"inference failed on model {model.name!r}: {type(exc).__name__}") from exc
         results = [result for result, _ in answers]
         for result in results:  # the diagnostics a task's results carry (app.tasks.base.Diagnosed)
-            entropy, selected = getattr(result, "lambda_entropy", None), getattr(result, "selected_transform", None)
+            entropy, selected = getattr(result, "lambda_net_entropy", None), getattr(result, "selected_transform", None)
             if entropy is not None:
                 self.metrics.lambda_entropy.labels(model.name).observe(entropy)
             if selected is not None:

@@ -24,13 +24,14 @@ an exception in the batch function's list to fail one item without failing the o
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Protocol, TypeVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, computed_field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.equivariance import Method, ZeroLoss
@@ -175,11 +176,37 @@ class Timing:
     batch_size: Annotated[int, Field(description="items in that batch (all requests)")]
 
 
+# The λ-net's own entropy, whichever method answered (a result's field; the metric
+# equiserve_lambda_entropy observes it): the weights of the answer itself are ``UsedWeights``'.
+LambdaNetEntropy = Annotated[
+    float | None,
+    Field(
+        description="entropy (nats) of the λ-net's own weights over the copies, whatever the method: 0 = it "
+        "trusts one copy, log|G| = uniform (an untrained λ-net); null where the method computes no λ"
+    ),
+]
+
+
+class UsedWeights:
+    """A result (or answer) whose ``transforms`` carry the weights its answer used: their entropy
+    is a field of the answer, so that equizero's one-hot choice reads 0 and equitune log|G|."""
+
+    transforms: Sequence[Any]
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="entropy (nats) of the weights this answer used (the transforms' lambda): 0 = one copy "
+        "(vanilla, equizero), log|G| = uniform (equitune)"
+    )
+    @property
+    def weight_entropy(self) -> float:
+        return float(-sum(t.weight * math.log(t.weight) for t in self.transforms if t.weight > 0))
+
+
 class Diagnosed(Protocol):
     """What the engine's metrics read from a result, where it has them (an attribute a result
     lacks counts as None)."""
 
-    lambda_entropy: float | None
+    lambda_net_entropy: float | None
     selected_transform: str | None
 
 

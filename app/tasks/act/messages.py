@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import ConfigDict, Field
 
 from app.equivariance import Method
-from app.tasks.base import Timing
+from app.tasks.base import LambdaNetEntropy, Timing, UsedWeights
 
 METHOD = "vanilla | equitune | equizero | lambda (default: the model's)"
 
@@ -43,12 +43,12 @@ class TransformDiagnostics:
 
 
 @dataclass(frozen=True)
-class ActResult:
+class ActResult(UsedWeights):
     q_values: Annotated[list[float], Field(description="the combined Q-values, one per action (equivariant)")]
     action: Annotated[int, Field(description="the greedy action: argmax of q_values (the lowest index among ties)")]
     transforms: list[TransformDiagnostics]
     selected_transform: Annotated[str | None, Field(description="the copy equizero chose; null for other methods")]
-    lambda_entropy: Annotated[float | None, Field(description="entropy (nats) of the λ-net's weights")]
+    lambda_net_entropy: LambdaNetEntropy
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 from app.equivariance import Method
-from app.tasks.base import Timing
+from app.tasks.base import LambdaNetEntropy, Timing, UsedWeights
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,13 @@ class TransformDiagnostics:
 
 
 @dataclass(frozen=True)
-class ImageResult:
+class ImageResult(UsedWeights):
     __pydantic_config__ = ConfigDict(arbitrary_types_allowed=True)
 
     predictions: list[Prediction]
     transforms: list[TransformDiagnostics]
     selected_transform: Annotated[str | None, Field(description="the copy equizero chose; null for other methods")]
-    lambda_entropy: Annotated[
-        float, Field(description="entropy (nats) of the λ-net's weights: 0 = one copy, log|G| = uniform")
-    ]
+    lambda_net_entropy: LambdaNetEntropy
     # float32 [K], every label's probability; only when the request asked (the v2 output ``probabilities``)
     probabilities: Annotated[SkipJsonSchema[np.ndarray | None], Field(exclude=True)] = None
 

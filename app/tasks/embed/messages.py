@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 from app.equivariance import Method
-from app.tasks.base import Timing
+from app.tasks.base import LambdaNetEntropy, Timing, UsedWeights
 from app.tasks.classify.messages import EncodedImage, Pixels
 
 # equizero picks the copy whose *prediction* is most confident: an embedding has no prediction.
@@ -34,12 +34,12 @@ class CopyWeight:
 
 
 @dataclass(frozen=True)
-class Embedding:
+class Embedding(UsedWeights):
     __pydantic_config__ = ConfigDict(arbitrary_types_allowed=True)
 
     embedding: Annotated[list[float], Field(description="the invariant embedding, L2-normalised (unit length)")]
     transforms: list[CopyWeight]
-    lambda_entropy: Annotated[float, Field(description="entropy (nats) of the λ-net's weights")]
+    lambda_net_entropy: LambdaNetEntropy
     # float32 [D], the same numbers for the v2 output ``embedding`` (no list round trip)
     vector: Annotated[SkipJsonSchema[np.ndarray | None], Field(exclude=True)] = None
 

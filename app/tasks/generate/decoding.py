@@ -329,7 +329,7 @@ class Decoder:
             weights=weights,
             prompts=prompts,
             selected_transform=selected,
-            lambda_entropy=None if vanilla or not use_group else track.entropy_sum / max(track.steps, 1),
+            lambda_net_entropy=None if vanilla or not use_group else track.entropy_sum / max(track.steps, 1),
             frame=self.group.names[track.frame],
             prompt_tokens=prompt_tokens,
             seed=track.request.seed,

@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import ConfigDict, Field
 
 from app.equivariance import Method
-from app.tasks.base import Timing
+from app.tasks.base import Timing, UsedWeights
 from app.tasks.jsontypes import INTEGRAL
 
 MAX_SEED = 2**63 - 1
@@ -77,7 +77,7 @@ class GenerationResult:
     weights: list[float]  # per transform: its normalised weight, averaged over the steps
     prompts: list[str]  # per transform: the prompt as its copy read it (the swapped tokens, decoded)
     selected_transform: str | None  # equizero: the copy chosen most often
-    lambda_entropy: float | None  # mean entropy (nats) of the λ-net's weights; None for vanilla
+    lambda_net_entropy: float | None  # mean entropy (nats) of the λ-net's weights over the steps; None for vanilla
     frame: str  # the canonical frame h of the prompt (t = h·c)
     prompt_tokens: int
     # the request's settings as decoded (defaults filled in): echoed back
@@ -101,7 +101,7 @@ class Usage:
 
 
 @dataclass(frozen=True)
-class GenerateOutput:
+class GenerateOutput(UsedWeights):
     model: str
     method: Method
     group: str
@@ -111,8 +111,9 @@ class GenerateOutput:
     finish_reason: Annotated[str, Field(description="length | eos | cancelled")]
     transforms: list[TransformWeight]
     selected_transform: Annotated[str | None, Field(description="equizero: the copy chosen most often; null otherwise")]
-    lambda_entropy: Annotated[
-        float | None, Field(description="mean entropy (nats) of the λ-net's weights; null for vanilla")
+    lambda_net_entropy: Annotated[
+        float | None,
+        Field(description="mean over the tokens of the entropy (nats) of the λ-net's weights; null for vanilla"),
     ]
     frame: Annotated[
         str, Field(description="the prompt's canonical frame: sampling runs in it, so seeds are equivariant")

@@ -186,7 +186,7 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
                 for name, weight, prompt in zip(self.transforms, r.weights, r.prompts, strict=True)
             ],
             selected_transform=r.selected_transform,
-            lambda_entropy=r.lambda_entropy,
+            lambda_net_entropy=r.lambda_net_entropy,
             frame=r.frame,
             seed=r.seed,
             temperature=r.temperature,

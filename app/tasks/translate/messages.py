@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import ConfigDict, Field
 
 from app.equivariance import Method
-from app.tasks.base import Timing
+from app.tasks.base import LambdaNetEntropy, Timing, UsedWeights
 
 METHOD = "vanilla | equitune | equizero | lambda (default: the model's)"
 
@@ -43,13 +43,13 @@ class TransformDiagnostics:
 
 
 @dataclass(frozen=True)
-class TranslationResult:
+class TranslationResult(UsedWeights):
     command: Annotated[str, Field(description="the command as read (single spaces)")]
     actions: Annotated[str, Field(description="space-separated I_... actions, as in SCAN's files (equivariant)")]
     finished: Annotated[bool, Field(description="false: the model's max_actions cut the translation")]
     transforms: list[TransformDiagnostics]
     selected_transform: Annotated[str | None, Field(description="the copy equizero chose; null for other methods")]
-    lambda_entropy: Annotated[float | None, Field(description="entropy (nats) of the λ-net's weights")]
+    lambda_net_entropy: LambdaNetEntropy
 
 
 @dataclass(frozen=True)
