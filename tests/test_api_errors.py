@@ -173,3 +173,27 @@ async def test_png_with_any_image_type_is_read_by_its_content(tiny_models_dir: P
         file = (name, data, content_type) if content_type else (name, data)
         r = await client.post(URL, files=[("image", file)])
         assert r.status_code == 200, r.text
+
+
+def test_one_error_repeated_over_a_list_is_one_message() -> None:
+    """A flat list where a list of lists belongs: one entry naming the positions, not one per item."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from app.tasks.http import validation_message
+
+    try:
+        TypeAdapter(dict[str, list[list[float]]]).validate_python({"observations": [0.1] * 20})
+    except ValidationError as exc:
+        message = validation_message(exc.errors())
+    assert message == (
+        "observations.*: Input should be a valid list (at [0], [1], [2], [3], [4], [5], [6], [7], ... (20 in all))"
+    )
+    try:
+        TypeAdapter(dict[str, list[list[float]]]).validate_python({"observations": [[1, "a"], [2, 3]], "x": 1})
+    except ValidationError as exc:
+        message = validation_message(exc.errors())
+    # different errors stay apart, each at its own place
+    assert message == (
+        "observations.0.1: Input should be a valid number, unable to parse string as a number; "
+        "x: Input should be a valid list"
+    )

@@ -44,8 +44,27 @@ class Served:
 
 
 def validation_message(errors: list) -> str:
-    """The first few pydantic errors as one line: ``field: message; ...``."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in list(errors)[:5])
+    """The first few pydantic errors as one line: ``field: message; ...``. The same error at many
+    positions of a list (a flat list where a list of lists belongs) is one entry that names the
+    positions: ``body.observations.*: Input should be a valid array (at [0], [1], [2], [3])``."""
+    groups: dict[tuple[tuple[Any, ...], str], list[tuple[Any, ...]]] = {}
+    for error in errors:
+        loc = tuple(error["loc"])
+        shape = tuple("*" if isinstance(part, int) else part for part in loc)
+        groups.setdefault((shape, error["msg"]), []).append(loc)
+    parts = []
+    for (shape, message), locs in list(groups.items())[:5]:
+        if len(locs) == 1:
+            parts.append(f"{_dotted(locs[0])}: {message}")
+            continue
+        at = ["".join(f"[{part}]" for part in loc if isinstance(part, int)) for loc in locs]
+        shown = ", ".join(at[:8]) + (f", ... ({len(at)} in all)" if len(at) > 8 else "")
+        parts.append(f"{_dotted(shape)}: {message} (at {shown})")
+    return "; ".join(parts)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(map(str, loc)) or "body"
 
 
 def parse_json(body_type: type, raw: bytes) -> Any:
