@@ -43,7 +43,9 @@ class Settings(BaseSettings):
         description="what runs image backbones: auto = onnxruntime on the CPU (faster there), torch on CUDA",
     )
     onnx_cache_dir: Path | None = Field(
-        None, description="where ONNX exports are cached (default: $XDG_CACHE_HOME/equiserve/onnx)"
+        None,
+        description="what the first start computes and later ones reuse: ONNX exports, dequantised GGUF language "
+        "models, batch-size decisions (default: $XDG_CACHE_HOME/equiserve/onnx)",
     )
     channels_last: bool = Field(True, description="channels_last memory format (faster convolutions, CPU and CUDA)")
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per fused forward pass (GPUs: 64-256)")

