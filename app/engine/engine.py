@@ -105,7 +105,9 @@ class Engine:
         requested = self.settings.models is not None
         options = LoadOptions.from_settings(self.settings, self.decoded_pixels)
         self.pending = list(self.model_names_to_load())
-        for name in list(self.pending):
+        total = len(self.pending)
+        for number, name in enumerate(list(self.pending), 1):
+            log.info("loading %s (%d of %d)", name, number, total)
             started = time.perf_counter()
             folder = model_dir(self.settings.models_dir, name)
             spec = read_spec(folder)
