@@ -88,7 +88,11 @@ def serve(settings: Settings) -> int:
         return serve_processes(settings)
     from app.server import create_app
 
-    app = create_app(settings, load_in_background=True)
+    # Alone on its port, a server listens while its models load (health answers, inference is 503).
+    # Sharing the port with its siblings (SO_REUSEPORT: --processes), it listens only once ready:
+    # the kernel spreads connections over every listening process and would hand some to one that
+    # can only answer 503 while a sibling is ready.
+    app = create_app(settings, load_in_background=not settings.reuse_port)
     engine = app.state.engine
     server = DrainingServer(uvicorn_config(app, settings), engine, settings.drain_timeout_s)
     server.run(listening_socket(settings) if settings.reuse_port else None)

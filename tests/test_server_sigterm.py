@@ -222,6 +222,41 @@ def test_the_server_listens_while_its_models_load(tiny_models_dir: Path) -> None
         assert r.status_code == 200, r.text
 
 
+def test_a_process_sharing_its_port_takes_connections_only_once_ready(tiny_models_dir: Path) -> None:
+    """Beside a ready sibling on the same port (SO_REUSEPORT), a process still loading must not
+    listen: the kernel would hand it some of the connections, and it could only answer 503."""
+    import os
+    import threading
+
+    held = tiny_models_dir / "held"
+    held.mkdir()
+    for name in ("trunk.safetensors", "head.safetensors", "lambda_net.safetensors"):
+        (held / name).symlink_to(tiny_models_dir / "tiny" / name)
+    os.mkfifo(held / "model.yaml")  # holds this process's loading until the test writes it
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    image = png_bytes(np.zeros((8, 8, 3), np.uint8))
+    with (
+        start_server(tiny_models_dir, port, "--reuse-port", "--models", "tiny") as ready,
+        start_server(tiny_models_dir, port, "--reuse-port", "--models", "held") as loading,
+    ):
+        wait_ready(base, ready)
+        time.sleep(2.0)  # the loading process has long been started (and would listen by now)
+        assert loading.poll() is None, loading.output()
+        for _ in range(30):  # new connections, spread over every process listening on the port
+            r = httpx.post(f"{base}/v1/models/tiny/classify", files=[("image", ("a.png", image, "image/png"))])
+            assert r.status_code == 200, r.text
+        writer = threading.Thread(
+            target=lambda: (held / "model.yaml").write_text((tiny_models_dir / "tiny" / "model.yaml").read_text())
+        )
+        writer.start()
+        writer.join()
+        deadline = time.monotonic() + 60
+        while "ready: serving held" not in loading.output():
+            assert time.monotonic() < deadline and loading.poll() is None, loading.output()
+            time.sleep(0.2)
+
+
 def test_sigterm_while_loading_stops_at_once(tiny_models_dir: Path) -> None:
     import os
 
