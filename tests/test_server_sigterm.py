@@ -204,7 +204,10 @@ def test_the_server_listens_while_its_models_load(tiny_models_dir: Path) -> None
                 break
             time.sleep(0.1)
         assert ready.status_code == 503
-        assert ready.json() == {"status": "loading", "ready": False, "loaded": ["tiny"], "pending": ["slow"]}
+        assert ready.json() == {
+            "status": "loading", "ready": False, "loaded": ["tiny"], "pending": ["slow"], "loading": "slow",
+            "estimated_remaining_s": None,  # "slow" never loaded before: no time to go by
+        }  # fmt: skip
         assert httpx.get(f"{base}/health/live").status_code == 200
         assert httpx.head(f"{base}/health/live").status_code == 200
         assert httpx.head(f"{base}/health/ready").status_code == 503

@@ -34,7 +34,12 @@ def build_router() -> APIRouter:
             body = {"status": "failed", "ready": False, "error": str(engine.load_error)}
             return JSONResponse(body, status_code=503)
         if not engine.ready:
-            body = {"status": "loading", "ready": False, "loaded": engine.loaded, "pending": engine.pending}
+            remaining = engine.load_times.remaining_s(engine.pending)
+            body = {
+                "status": "loading", "ready": False, "loaded": engine.loaded, "pending": engine.pending,
+                "loading": engine.load_times.current,
+                "estimated_remaining_s": None if remaining is None else round(remaining, 1),
+            }  # fmt: skip
             return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok", "ready": True})
 

@@ -47,4 +47,8 @@ class Health(BaseModel):
     ready: bool | None = Field(None, description="GET /health/ready: every model loaded and warmed up")
     loaded: list[str] | None = Field(None, description="while loading: the models loaded and warm so far")
     pending: list[str] | None = Field(None, description="while loading: the models still to load")
+    loading: str | None = Field(None, description="while loading: the model loading now")
+    estimated_remaining_s: float | None = Field(
+        None, description="while loading: seconds still to go, from the last start's times (null on a first start)"
+    )
     error: str | None = Field(None, description="status failed: why a model did not load (the server exits)")

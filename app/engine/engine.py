@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from app.backbones.onnx_cache import default_cache_dir
 from app.config import Settings
 from app.errors import (
     DeadlineExceeded,
@@ -48,6 +49,7 @@ from app.tasks import read_spec, task_class
 from app.tasks.base import LoadOptions, ServedModel, Timing
 
 from .batcher import Arrival, BatchInfo, DynamicBatcher
+from .load_times import LoadTimes
 from .priority import lower_this_thread
 
 log = logging.getLogger("equiserve.engine")
@@ -83,6 +85,7 @@ class Engine:
         self._start_task: asyncio.Task | None = None
         self.loaded: list[str] = []  # what GET /health/ready reports while loading
         self.pending: list[str] = []
+        self.load_times = LoadTimes((settings.onnx_cache_dir or default_cache_dir()) / "load-times.json")
         self.load_error: BaseException | None = None  # a background start that failed (start_in_background)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -107,7 +110,10 @@ class Engine:
         self.pending = list(self.model_names_to_load())
         total = len(self.pending)
         for number, name in enumerate(list(self.pending), 1):
-            log.info("loading %s (%d of %d)", name, number, total)
+            last = self.load_times.previous.get(name)
+            took = f"; it took {last:.1f} s last time" if last else ""
+            log.info("loading %s (%d of %d)%s", name, number, total, took)
+            self.load_times.start(name)
             started = time.perf_counter()
             folder = model_dir(self.settings.models_dir, name)
             spec = read_spec(folder)
@@ -121,6 +127,7 @@ class Engine:
             if self.settings.warmup:
                 model.warmup(model.max_batch_size(self.settings.max_batch_size))
             self.models[name] = model
+            self.load_times.done(name, time.perf_counter() - started)
             self.pending.remove(name)
             self.loaded.append(name)
             log.info(
