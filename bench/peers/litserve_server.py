@@ -87,7 +87,8 @@ class EquivariantLitAPI(ls.LitAPI):
                         for t in result.transforms
                     ],
                     "selected_transform": result.selected_transform,
-                    "lambda_entropy": result.lambda_entropy,
+                    "lambda_net_entropy": result.lambda_net_entropy,
+                    "weight_entropy": result.weight_entropy,
                 }
             ],
             "timing": {"batch_size": batch_size},
