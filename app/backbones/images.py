@@ -3,7 +3,7 @@
 The server decodes here (in the engine's preprocessing pool); training and the benchmarks
 import the same function, so what they see is what the server sees.
 
-Decisions (documented in the README, "Limits and errors"):
+Decisions (documented in docs/configuration.md, "Limits and errors"):
 * the pixel limit is checked from the header, before any pixel is decoded (decompression
   bombs never allocate);
 * EXIF orientation is applied first: the group then acts on the photo as the camera meant

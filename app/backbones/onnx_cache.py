@@ -1,7 +1,7 @@
 """Run a torch image backbone with onnxruntime on the CPU, through an export cache.
 
 Why: on a CPU, onnxruntime runs EfficientNet-Lite0 several times faster than eager torch
-(README, "Performance") because it folds batch norm into the convolutions and uses blocked
+(docs/performance.md) because it folds batch norm into the convolutions and uses blocked
 layouts; and unlike eager torch, its cost per image *falls* with the batch, which is what
 makes the fused |G|·B pass pay on a CPU.
 

@@ -272,7 +272,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def markdown(report: FairnessReport) -> str:
-    """The tables for the README: fairness gap, generated-word gap, top words per group."""
+    """The tables for docs/generate.md: fairness gap, generated-word gap, top words per group."""
     axes = [a for a in DEMOGRAPHICS if any(a in r for r in report.results.values())]
     pairs = [f"{axis} ({DEMOGRAPHICS[axis][0][4:]} / {DEMOGRAPHICS[axis][1][4:]})" for axis in axes]
     lines = [
