@@ -25,15 +25,7 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` finds `app` without installing it
     sys.path.insert(0, str(REPO_ROOT))
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from app.runtime.machine import cpu_model, usable_cpus  # noqa: E402
 
 
 def load_average() -> list[float] | None:
@@ -45,11 +37,10 @@ def load_average() -> list[float] | None:
 
 def machine_info() -> dict[str, Any]:
     """What a reader needs to compare numbers across runs; torch is imported lazily."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable,
+        "usable_cpus": usable_cpus(),
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "hostname_is_shared": True,

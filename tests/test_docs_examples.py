@@ -295,28 +295,20 @@ class Parsed(BaseException):
 parse_args, parse_known_args = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
 depth = [0]
 
-def patched_parse_args(self, args=None, namespace=None):
-    depth[0] += 1
-    try:
-        result = parse_args(self, args, namespace)
-    finally:
-        depth[0] -= 1
-    if depth[0] == 0:
-        raise Parsed
-    return result
+def stop_after(parse):  # parse, raising Parsed once the outermost call has parsed the command line
+    def patched(self, args=None, namespace=None):
+        depth[0] += 1
+        try:
+            result = parse(self, args, namespace)
+        finally:
+            depth[0] -= 1
+        if depth[0] == 0:
+            raise Parsed
+        return result
+    return patched
 
-def patched_parse_known_args(self, args=None, namespace=None):
-    depth[0] += 1
-    try:
-        result = parse_known_args(self, args, namespace)
-    finally:
-        depth[0] -= 1
-    if depth[0] == 0:
-        raise Parsed
-    return result
-
-argparse.ArgumentParser.parse_args = patched_parse_args
-argparse.ArgumentParser.parse_known_args = patched_parse_known_args
+argparse.ArgumentParser.parse_args = stop_after(parse_args)
+argparse.ArgumentParser.parse_known_args = stop_after(parse_known_args)
 results = []
 for argv in argvs:
     err = io.StringIO()

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .machine import cpu_model, usable_cpus
+
 log = logging.getLogger("equiserve.batch_sizing")
 
 # A bigger batch within this fraction of the cheapest per item is taken: batch sizes on the
@@ -121,10 +123,7 @@ class BatchSizeCache:
 
     @staticmethod
     def key(facts: Mapping[str, Any]) -> str:
-        machine = {
-            "cpu": _cpu_model(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        }
+        machine = {"cpu": cpu_model(), "cpus": usable_cpus()}
         return hashlib.sha256(json.dumps({**facts, **machine}, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def get(self, key: str) -> BatchSizeChoice | None:
@@ -154,15 +153,3 @@ class BatchSizeCache:
         except (OSError, ValueError):
             return {}
         return entries if isinstance(entries, dict) else {}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
