@@ -6,6 +6,7 @@ Each task's own limits (images per request, commands per request, ...) are its s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,6 +18,11 @@ DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 # What runs an image backbone (app.tasks.load_model): here, as the setting's type.
 Runtime = Literal["auto", "torch", "onnxruntime"]
+
+
+def default_cache_dir() -> Path:
+    """Where what a first start computes is kept, unless EQUISERVE_ONNX_CACHE_DIR says otherwise."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "equiserve" / "onnx"
 
 
 class Settings(BaseSettings):

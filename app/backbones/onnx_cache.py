@@ -25,15 +25,13 @@ from pathlib import Path
 
 import torch
 
+from app.config import default_cache_dir
+
 from .base import ImageBackbone
 from .onnx_quant import Calibration, int8_key, quantize_int8
 from .onnx_runtime import DEFAULT_OPSET, INPUT_NAME, META_KEY, OnnxBackbone, export_onnx
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "equiserve" / "onnx"
 
 
 def can_export(backbone: ImageBackbone) -> bool:

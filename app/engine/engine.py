@@ -30,8 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from app.backbones.onnx_cache import default_cache_dir
-from app.config import Settings
+from app.config import Settings, default_cache_dir
 from app.errors import (
     DeadlineExceeded,
     EngineError,

@@ -35,11 +35,11 @@ from app.backbones.images import (
     is_plain_jpeg,
     open_image,
 )
-from app.backbones.onnx_cache import can_export, default_cache_dir, onnx_backbone
+from app.backbones.onnx_cache import can_export, onnx_backbone
 from app.backbones.onnx_quant import Calibration
 from app.backbones.onnx_runtime import OnnxBackbone
 from app.backbones.preprocess import crop_box, crop_uint8, pixels_from_uint8, resize_center_crop, resize_on_device
-from app.config import Settings
+from app.config import Settings, default_cache_dir
 from app.equivariance import EquivariantModel, Method, combine, image_group, lambda_entropy, per_group
 from app.errors import InvalidInput, TooLarge
 from app.repository import (

@@ -15,7 +15,7 @@ import torch
 
 from app.backbones.causal_lm import CausalLM, CausalLMError, load_causal_lm
 from app.backbones.causal_lm import weights_are_local as lm_is_local
-from app.backbones.onnx_cache import default_cache_dir
+from app.config import default_cache_dir
 from app.equivariance import EquivariantModel, LambdaNet
 from app.equivariance.text import TextGroup, TextGroupError, build_text_group
 from app.errors import InvalidInput, TooLarge
