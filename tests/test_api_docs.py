@@ -26,7 +26,7 @@ async def test_docs_pages_load_nothing_from_another_host(tiny_models_dir: Path) 
 
 async def test_every_operation_has_its_own_id(tmp_path: Path) -> None:
     """OpenAPI requires unique operationIds (clients generated from the document name their
-    methods by them): GET and HEAD of the health routes, and each served model's own paths."""
+    methods by them): GET and HEAD of the health routes (one route, two methods), and each served model's own paths."""
     from tests.imagetools import write_tiny_model
 
     write_tiny_model(tmp_path)

@@ -39,14 +39,28 @@ def install_openapi(app: FastAPI, engine: Engine, settings: Settings) -> None:
 
     def document() -> Document:
         if not engine.ready:
-            return generic()
+            return unique_operation_ids(generic())
         key = tuple((name, model.task, id(model)) for name, model in engine.models.items())
         if key not in built:
             built.clear()
-            built[key] = served_document(generic(), engine.models, settings)
+            built[key] = unique_operation_ids(served_document(generic(), engine.models, settings))
         return built[key]
 
     app.openapi = document  # type: ignore[method-assign]
+
+
+def unique_operation_ids(document: Document) -> Document:
+    """FastAPI gives every method of one route the route's operationId (the health routes take GET
+    and HEAD), which OpenAPI forbids: a repeated id gets its method appended. In place; returned."""
+    seen: set[str] = set()
+    for item in document.get("paths", {}).values():
+        for method, operation in item.items():
+            if not isinstance(operation, dict) or "operationId" not in operation:
+                continue
+            if operation["operationId"] in seen:
+                operation["operationId"] = f"{operation['operationId']}_{method}"
+            seen.add(operation["operationId"])
+    return document
 
 
 def served_document(generic: Document, models: dict[str, ServedModel], settings: Settings) -> Document:

@@ -14,17 +14,16 @@ from .schemas import Health, ModelCard, ModelList
 def build_router() -> APIRouter:
     router = APIRouter()
 
-    # GET and HEAD: probes and load balancers send either. Documented as two operations (one
-    # route of two methods would give both the same operationId, which OpenAPI forbids).
-    @router.get("/health/live", response_model=Health, response_model_exclude_none=True, tags=["health"])
-    @router.head("/health/live", response_model=Health, response_model_exclude_none=True, tags=["health"])
+    # GET and HEAD: probes and load balancers send either.
+    @router.api_route("/health/live", methods=["GET", "HEAD"], response_model=Health,
+                      response_model_exclude_none=True, tags=["health"])  # fmt: skip
     @router.api_route("/v2/health/live", methods=["GET", "HEAD"], response_model=Health,
                       response_model_exclude_none=True, include_in_schema=False)  # fmt: skip
     async def live() -> Health:
         return Health(status="ok", live=True)
 
-    @router.get("/health/ready", response_model=Health, tags=["health"], responses={503: {"model": Health}})
-    @router.head("/health/ready", response_model=Health, tags=["health"], responses={503: {"model": Health}})
+    @router.api_route("/health/ready", methods=["GET", "HEAD"], response_model=Health, tags=["health"],
+                      responses={503: {"model": Health}})  # fmt: skip
     @router.api_route("/v2/health/ready", methods=["GET", "HEAD"], response_model=Health, include_in_schema=False)
     async def ready(request: Request) -> Response:
         engine = engine_of(request)
