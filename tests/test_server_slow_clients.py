@@ -45,6 +45,23 @@ def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
     return data, time.monotonic() - started
 
 
+def read_one_response(sock: socket.socket) -> bytes:
+    """One whole response on a kept-alive connection: the head, then Content-Length bytes of body
+    (the server may send them in separate segments, so one recv is not one response)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data + body!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def status_and_json(response: bytes) -> tuple[int, dict]:
     head, _, body = response.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body)
@@ -102,7 +119,7 @@ def test_keep_alive_connections_outlive_the_header_timeout(server: tuple[ServerP
     with connect(server[1]) as sock:
         for _ in range(2):
             sock.sendall(request)
-            response = sock.recv(65536)
+            response = read_one_response(sock)
             assert response.startswith(b"HTTP/1.1 200"), response
             time.sleep(TIMEOUT_S * 2)  # idle between requests: the keep-alive timeout's business
 
