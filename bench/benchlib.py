@@ -74,6 +74,35 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
 
 
+CONFIDENCE = 0.95
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Mean, sample std and the Student-t interval of the mean over seeds. A bootstrap over 3-5 seeds
+    would be far too narrow (it never sees more spread than the few values have); the t-interval
+    accounts for estimating the std from so few. One value: no std, no interval."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    n = len(x)
+    mean = float(x.mean()) if n else float("nan")
+    if n < 2:
+        return {"n": n, "values": x.tolist(), "mean": mean, "std": None, "ci_low": None, "ci_high": None}
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / float(np.sqrt(n))
+    return {"n": n, "values": x.tolist(), "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def paired(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """The per-seed differences a − b and their t-interval. ``separated``: the interval excludes 0
+    (None with one seed). Pairing removes what both share in a seed (split, test elements)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison of {len(a)} and {len(b)} values")
+    out = t_interval(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), confidence)
+    out["separated"] = None if out["ci_low"] is None else bool(out["ci_low"] > 0 or out["ci_high"] < 0)
+    return out
+
+
 def latency_summary_ms(latencies_s: Sequence[float]) -> dict[str, float | int | None]:
     """p50/p95/p99/mean/max in milliseconds of a list of seconds."""
     ms = np.asarray(latencies_s, dtype=float) * 1e3

@@ -23,7 +23,7 @@ from app.tasks.base import LoadOptions, Timing
 from tests.acttools import load_runner, read_act_spec, write_tiny_agent
 from tests.apptools import with_limits
 
-SHIPPED = ("dqn-cartpole", "dqn-acrobot", "dqn-grid")
+SHIPPED = ("dqn-cartpole", "dqn-acrobot", "dqn-grid", "dqn-cartpole-early")
 
 
 @pytest.fixture

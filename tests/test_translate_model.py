@@ -130,7 +130,7 @@ def test_a_batch_that_fails_fails_each_of_its_items(runner: TranslateModel, monk
         ({"group": "colour"}, "unknown SCAN group"),
         ({"backbone": {"family": "mlp"}}, "seq2seq"),
         ({"backbone": {"family": "seq2seq", "options": {"layers": 2}}}, "unknown backbone options"),
-        ({"backbone": {"family": "seq2seq", "options": {"cell": "rnn"}}}, "unknown cell"),
+        ({"backbone": {"family": "seq2seq", "options": {"cell": "transformer"}}}, "unknown cell"),
         ({"split": "simple"}, "split"),
         ({"combine": "max"}, "combine"),
         ({"surprise": 1}, "surprise"),

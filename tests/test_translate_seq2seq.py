@@ -1,4 +1,4 @@
-"""The GRU/LSTM encoder-decoder: stepping equals the teacher-forced pass, padding changes nothing,
+"""The GRU/LSTM/RNN encoder-decoder: stepping equals the teacher-forced pass, padding changes nothing,
 sizes are read back from the weights."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def commands() -> torch.Tensor:
     return ids
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
 def test_stepping_computes_the_teacher_forced_pass(cell: str) -> None:
     model, src = tiny(cell), commands()
     tgt_in = torch.randint(3, len(ACTIONS_VOCAB), (src.shape[0], 6))
@@ -43,7 +43,7 @@ def test_stepping_computes_the_teacher_forced_pass(cell: str) -> None:
     assert torch.allclose(forced.exp().sum(-1), torch.ones(3, 6))
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_padding_and_other_rows_change_nothing(cell: str, bidirectional: bool) -> None:
     model, src = tiny(cell, 1, bidirectional), commands()
@@ -66,7 +66,7 @@ def test_dropout_is_active_in_training_only() -> None:
     assert torch.equal(model.teacher_forced(src, tgt_in)[0], model.teacher_forced(src, tgt_in)[0])
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
 def test_sizes_are_read_back_from_the_weights(cell: str) -> None:
     model = tiny(cell, bidirectional=False)
     config = state_dict_config(model.state_dict(), cell)  # type: ignore[arg-type]

@@ -166,9 +166,16 @@ class QValueModel(EquivariantModel):
 
     One fused pass computes all |G| copies ``Q(g . s)`` of a batch, their features (what the
     λ-net scores) and the aligned ``P_g⁻¹ Q(g . s)``; ``combine_q`` then serves every method.
+
+    ``equizero_straight_through`` (training mode only): equizero's gradient is equitune's, as the
+    paper trains classifiers. Off (the default), the gradient of equizero's output reaches only the
+    copy it selected (tied copies share it), so a TD loss measured on that copy corrects that copy:
+    straight-through spreads the correction over the mean of the copies and leaves the selected
+    copy's error in place, see docs/dqn.md.
     """
 
     group: StateActionGroup
+    equizero_straight_through: bool = False
 
     def __init__(
         self,
@@ -183,7 +190,8 @@ class QValueModel(EquivariantModel):
         )
 
     def combine(self, copies: Copies, method: Method | str) -> Combined:
-        return combine_q(copies.aligned, method, log_lambda=copies.log_lambda, straight_through=self.training)
+        straight_through = self.training and self.equizero_straight_through
+        return combine_q(copies.aligned, method, log_lambda=copies.log_lambda, straight_through=straight_through)
 
     @torch.no_grad()
     def reference(self, x: Tensor, method: Method | str = Method.EQUITUNE) -> Tensor:

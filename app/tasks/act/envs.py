@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -127,10 +128,56 @@ if GRID_ENV_ID not in gym.registry:
     gym.register(GRID_ENV_ID, entry_point=GridWorldC4, reward_threshold=GRID_SOLVED)
 
 
-def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
-    """A gymnasium environment with a known symmetry (ours is registered on import of this module)."""
+@dataclass(frozen=True)
+class Starts:
+    """A CartPole start distribution other than gymnasium's (every coordinate uniform in ±0.05).
+
+    ``width``: every coordinate uniform in ``±width``. ``half``: a start with ``θ < 0`` is reflected
+    (``s -> -s``, the group's element), so the agent only ever starts with the pole upright or
+    leaning right: the right mirror half of the distribution (the episodes still cross into the
+    other half, so this restricts where an agent starts, not what it sees; docs/dqn.md).
+    """
+
+    width: float = 0.05
+    half: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.width <= 0.2:  # beyond 0.2 rad the pole starts past CartPole's termination angle
+            raise ValueError(f"start width {self.width} must be in (0, 0.2]")
+
+    @property
+    def default(self) -> bool:
+        return self.width == 0.05 and not self.half
+
+    def describe(self) -> str:
+        text = f"every coordinate uniform in ±{self.width:g}"
+        return text + (", reflected to θ ≥ 0 (the right half)" if self.half else "")
+
+
+class _CartPoleStarts(gym.Wrapper):
+    def __init__(self, env: gym.Env, starts: Starts) -> None:
+        super().__init__(env)
+        self.starts = starts
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        w = self.starts.width
+        observation, info = self.env.reset(seed=seed, options={"low": -w, "high": w, **(options or {})})
+        if self.starts.half and observation[2] < 0:
+            observation = -observation
+            restore(self.env, observation)
+        return np.asarray(observation, dtype=np.float32), info
+
+
+def make_env(env_id: str, render_mode: str | None = None, starts: Starts | None = None) -> gym.Env:
+    """A gymnasium environment with a known symmetry (ours is registered on import of this module);
+    ``starts``: another start distribution (CartPole only)."""
     symmetry(env_id)  # refuses environments we know no group of
-    return gym.make(env_id, render_mode=render_mode)
+    env = gym.make(env_id, render_mode=render_mode)
+    if starts is not None and not starts.default:
+        if env_id != "CartPole-v1":
+            raise ValueError(f"start distributions are defined for CartPole-v1 only, not {env_id}")
+        env = _CartPoleStarts(env, starts)
+    return env
 
 
 def solved_threshold(env_id: str) -> float:
@@ -176,10 +223,10 @@ def restore(env: gym.Env, observation: np.ndarray) -> None:
 Policy = Callable[[np.ndarray], np.ndarray]  # [E, D] observations -> [E] actions
 
 
-def run_episodes(policy: Policy, env_id: str, episodes: int, seed: int) -> list[float]:
+def run_episodes(policy: Policy, env_id: str, episodes: int, seed: int, starts: Starts | None = None) -> list[float]:
     """Returns of ``episodes`` seeded episodes (seeds ``seed``, ``seed + 1``, ...), all stepped together:
     each step asks ``policy`` for the actions of every unfinished episode at once."""
-    envs = [make_env(env_id) for _ in range(episodes)]
+    envs = [make_env(env_id, starts=starts) for _ in range(episodes)]
     observations = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
     returns = [0.0] * episodes
     live = list(range(episodes))

@@ -18,6 +18,9 @@ from typing import Any
 
 from app.command_line import add_models_dir, configure_logging
 
+# seq2seq.CELLS, written out so that building the parser does not import torch (a test keeps them equal)
+TRAINABLE_CELLS = ("gru", "lstm", "rnn")
+
 DEFAULT_GROUPS = {"add_jump": ["verb4", "verb"], "around_right": ["direction"]}
 PRETRAIN_FLAGS = ("steps", "batch_size", "learning_rate", "hidden", "held_out", "eval_every", "short_repeats")
 
@@ -35,7 +38,7 @@ def add_train_scan_parser(commands: Any) -> None:
         "entries that `serve` loads as translate models.",
     )
     p.add_argument("--split", default="add_jump", choices=("add_jump", "around_right"), help="SCAN split")
-    p.add_argument("--cell", default="gru", choices=("gru", "lstm"), help="recurrent cell")
+    p.add_argument("--cell", default="gru", choices=TRAINABLE_CELLS, help="recurrent cell")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run each; the best ships")
     # None: the default of app.tasks.translate.training.PretrainConfig (defined there once; torch is not imported here)
     p.add_argument("--steps", type=int, default=None, help="training steps (mini-batches)")

@@ -1,4 +1,4 @@
-"""A GRU/LSTM encoder-decoder with dot-product attention, in pure torch (the paper's SCAN setup).
+"""A GRU/LSTM/RNN encoder-decoder with dot-product attention, in pure torch (the paper's SCAN setup).
 
 Hidden size 64, a bidirectional one-layer encoder, a one-layer decoder with Luong's dot-product
 attention over the encoder states, dropout 0.1 on the embeddings and before the output layer:
@@ -28,8 +28,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .vocab import ACTIONS_VOCAB, COMMAND_PAD, COMMANDS
 
-Cell = Literal["gru", "lstm"]
-CELLS: tuple[str, ...] = ("gru", "lstm")
+Cell = Literal["gru", "lstm", "rnn"]
+CELLS: tuple[str, ...] = ("gru", "lstm", "rnn")  # rnn: Elman (tanh), the paper's default cell
+RECURRENT: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Seq2Seq(nn.Module):
     def __init__(self, config: Seq2SeqConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or Seq2SeqConfig()
-        h, rnn = config.hidden, nn.GRU if config.cell == "gru" else nn.LSTM
+        h, rnn = config.hidden, RECURRENT[config.cell]
         self.src_embedding = nn.Embedding(config.input_size, h, padding_idx=COMMAND_PAD)
         self.encoder = rnn(h, h, num_layers=1, batch_first=True, bidirectional=config.bidirectional)
         self.to_memory = nn.Linear(config.feature_dim, h, bias=False)

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from app.equivariance.lambda_net import LambdaNet
-from app.equivariance.methods import Method, Mixture, ZeroLoss, combine
+from app.equivariance.methods import Method, Mixture, ZeroLoss, combine, equizero_loss, equizero_weights
+from app.equivariance.model import Copies
 from app.equivariance.sequence import SequenceGroup, teacher_forced_copies
 from app.tasks.translate.groups import scan_group
 from app.tasks.translate.model import decode_commands
@@ -95,29 +97,145 @@ def uniform_lambda_net(feature_dim: int) -> LambdaNet:
     return net
 
 
+class CopyLoss(str, Enum):
+    """How a fine-tuning loss reads the aligned copies ``log p_g = g⁻¹·log p(·| g·x, g·y_<t)`` of a step.
+
+    * ``mean_log_prob`` (the paper's code): the NLL of ``Σ_g w_g log p_g``, not renormalised: for
+      equitune the mean of the copies' own NLLs. Equizero is straight-through on it (forward the
+      selected copy, backward the mean), and as the NLL is linear in its input, equizero's gradient
+      is then equitune's exactly: the two fine-tune to the same weights, step for step; only the
+      checkpoint that each one's held-out accuracy selects can differ.
+    * ``log_mean_exp``: the NLL of the mixture ``log Σ_g w_g p_g`` (what the server decodes with);
+      equizero straight-through on it, so again equitune's gradient.
+    * ``selected_copy`` (equizero only): the NLL of the selected copy ``g*`` alone, so the gradient
+      reaches ``g*`` and no other copy: fine-tuning what equizero answers with.
+    """
+
+    MEAN_LOG_PROB = "mean_log_prob"
+    LOG_MEAN_EXP = "log_mean_exp"
+    SELECTED_COPY = "selected_copy"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one training step optimises, beside the method."""
+
+    copy_loss: CopyLoss = CopyLoss.LOG_MEAN_EXP
+    zero_loss: ZeroLoss = ZeroLoss.NEG_MAX_PROB
+    free_running: bool = False  # copies fed their own greedy tokens instead of the gold prefix
+    augment: bool = False  # vanilla only: each pair replaced by g·x -> g·y for a random g (group augmentation)
+    # The paper's loop: sum the NLL over the positions up to the first one whose combined argmax is the
+    # end of sequence (the rest of the target is not scored), per sequence.
+    stop_at_predicted_eos: bool = False
+    token_sum: bool = False  # sum over a sequence's positions (the paper's); else the mean over all tokens
+
+
+def free_running(model: Seq2Seq, src: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Log-probabilities ``[R, length, V]`` of each row decoding greedily on its own (no gold prefix), as
+    the paper trains without teacher forcing, and the rows' features. After a row emits the end of
+    sequence its positions are zero, as in the paper's decoder output buffer."""
+    state, features = model.begin(src)
+    tokens = torch.full((src.shape[0],), ACTION_SOS, dtype=torch.long, device=src.device)
+    ended = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+    steps = []
+    for _ in range(length):
+        log_probs, state = model.step(tokens, state)
+        steps.append(log_probs.masked_fill(ended.unsqueeze(1), 0.0))
+        tokens = log_probs.argmax(-1).detach()
+        ended = ended | (tokens == ACTION_EOS)
+    return torch.stack(steps, 1), features
+
+
+def free_running_copies(
+    model: Seq2Seq, group: SequenceGroup, src: Tensor, length: int, lambda_net: LambdaNet | None = None
+) -> Copies:
+    """``teacher_forced_copies`` without the gold prefix: copy ``g`` reads ``g·x`` and is fed its own argmax
+    in its own frame (``free_running``); ``aligned`` ``[n, B, length, V]``."""
+    n, batch = group.order, src.shape[0]
+    log_probs, features = free_running(model, group.input.expand(src), length)
+    aligned = group.output.invert_scores(log_probs.view(n, batch, length, -1))
+    log_lambda = lambda_net(features).view(n, batch) if lambda_net is not None else None
+    return Copies(features.view(n, batch, -1), log_lambda, aligned)
+
+
+def _augmented(group: SequenceGroup, batch: Batch, generator: torch.Generator | None) -> Batch:
+    """``batch`` with each pair replaced by its copy under a uniformly random element (the identity included)."""
+    n, rows = group.order, batch.src.shape[0]
+    pick = torch.randint(n, (rows,), generator=generator)
+    index = torch.arange(rows)
+
+    def act(ids: Tensor, on) -> Tensor:
+        return on.expand(ids).view(n, rows, *ids.shape[1:])[pick, index]
+
+    # Padding and the start/end tokens are fixed by every element, so they stay where they are.
+    return Batch(act(batch.src, group.input), act(batch.tgt_in, group.output), act(batch.tgt_out, group.output))
+
+
+def _scored_positions(log_probs: Tensor, tgt_out: Tensor, stop_at_predicted_eos: bool) -> Tensor:
+    """``[B, T]`` True where a position counts in the loss."""
+    scored = tgt_out != ACTION_PAD
+    if stop_at_predicted_eos:
+        predicted_eos = log_probs.detach().argmax(-1) == ACTION_EOS
+        # a position counts if no earlier position predicted the end of sequence
+        before = torch.cumsum(predicted_eos.long(), dim=1) - predicted_eos.long()
+        scored = scored & (before == 0)
+    return scored
+
+
 def method_loss(
     model: Seq2Seq,
     group: SequenceGroup,
     batch: Batch,
     method: Method,
     lambda_net: LambdaNet | None = None,
-    mixture: Mixture = Mixture.LOG_MEAN_EXP,
-    zero_loss: ZeroLoss = ZeroLoss.NEG_MAX_PROB,
+    objective: Objective | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Mean token NLL of the gold actions under ``method``'s combination of the teacher-forced copies."""
+    """Token NLL of the gold actions under ``method``'s combination of the copies (``objective``: how)."""
+    objective = objective or Objective()
+    if objective.augment and method is not Method.VANILLA:
+        raise ValueError("group augmentation trains the plain model: it needs method vanilla")
+    if objective.copy_loss is CopyLoss.SELECTED_COPY and method is not Method.EQUIZERO:
+        raise ValueError("the selected-copy loss is equizero's")
+    length = batch.tgt_out.shape[1]
     if method is Method.VANILLA:
-        log_probs, _ = model.teacher_forced(batch.src, batch.tgt_in)
+        if objective.augment:
+            batch = _augmented(group, batch, generator)
+        if objective.free_running:
+            log_probs, _ = free_running(model, batch.src, length)
+        else:
+            log_probs, _ = model.teacher_forced(batch.src, batch.tgt_in)
     else:
-        copies = teacher_forced_copies(model, group, batch.src, batch.tgt_in, lambda_net)
+        if objective.free_running:
+            copies = free_running_copies(model, group, batch.src, length, lambda_net)
+        else:
+            copies = teacher_forced_copies(model, group, batch.src, batch.tgt_in, lambda_net)
+        aligned, log_lambda = copies.aligned, copies.log_lambda
         # Padding positions get the same (uniform) scores in every copy, so equizero's per-sequence
         # choice is made on the real positions only.
         pad = (batch.tgt_out == ACTION_PAD).view(1, *batch.tgt_out.shape, 1)
-        aligned = copies.aligned.masked_fill(pad, 0.0)
-        combined = combine(
-            aligned, method, log_lambda=copies.log_lambda, zero_loss=zero_loss, straight_through=True, mixture=mixture
-        )
-        log_probs = combined.output if mixture is Mixture.LOG_MEAN_EXP else torch.log_softmax(combined.output, -1)
-    return F.nll_loss(log_probs.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=ACTION_PAD)
+        aligned = aligned.masked_fill(pad, 0.0)
+        if objective.copy_loss is CopyLoss.SELECTED_COPY:
+            with torch.no_grad():
+                _, selected = equizero_weights(equizero_loss(aligned, objective.zero_loss))
+            log_probs = aligned[selected, torch.arange(aligned.shape[1])]
+        else:
+            mixture = Mixture.LOG_MEAN_EXP if objective.copy_loss is CopyLoss.LOG_MEAN_EXP else Mixture.MEAN
+            combined = combine(
+                aligned,
+                method,
+                log_lambda=log_lambda,
+                zero_loss=objective.zero_loss,
+                straight_through=True,
+                mixture=mixture,
+            )
+            log_probs = combined.output
+    scored = _scored_positions(log_probs, batch.tgt_out, objective.stop_at_predicted_eos)
+    target = batch.tgt_out.masked_fill(~scored, ACTION_PAD)
+    nll = F.nll_loss(log_probs.flatten(0, 1), target.flatten(), ignore_index=ACTION_PAD, reduction="sum")
+    if objective.token_sum:
+        return nll / batch.src.shape[0]
+    return nll / scored.sum().clamp_min(1)
 
 
 @torch.no_grad()
@@ -273,20 +391,76 @@ class FinetuneConfig:
     batch_size: int = 32
     learning_rate: float = 1e-4
     lambda_learning_rate: float = 1e-3
+    weight_decay: float = 0.0  # Adam's L2 term (the paper's 1e-4), not decoupled
     freeze_model: bool = False  # λ-equitune: train the λ-net alone (the frozen model's zero-shot λ)
     held_out: float = 0.1
     clip: float = 5.0
-    mixture: Mixture = Mixture.LOG_MEAN_EXP
+    copy_loss: CopyLoss = CopyLoss.LOG_MEAN_EXP  # the training objective's reading of the copies
+    teacher_forcing: float = 1.0  # probability that a step feeds the gold prefix (else free running)
+    stop_at_predicted_eos: bool = False
+    token_sum: bool = False
+    augment: bool = False  # vanilla on group-augmented pairs (the control for fine-tuning on g·x)
+    # 0: keep the model after the last step; n: every n steps (and the last) the held-out accuracy
+    # under the method picks the checkpoint, as the paper's early stopping does.
+    eval_every: int = 0
+    curve_steps: tuple[int, ...] = ()  # steps at which the curve sets are evaluated too
+    mixture: Mixture = Mixture.LOG_MEAN_EXP  # decoding (evaluation), as the server does
     zero_loss: ZeroLoss = ZeroLoss.NEG_MAX_PROB
     short_words: int = SHORT_WORDS
     short_repeats: int = SHORT_REPEATS
 
+    def objective(self, free_running: bool) -> Objective:
+        return Objective(
+            self.copy_loss, self.zero_loss, free_running, self.augment, self.stop_at_predicted_eos, self.token_sum
+        )
+
+
+# The paper's fine-tuning (``EquiZeroSCAN/equizero_scan.py`` of the official code): 10,000 single
+# pairs drawn at random, Adam with L2 1e-4, teacher forcing on half of the steps, the NLL summed up
+# to the first predicted end of sequence, per-copy log-probabilities averaged, early stopping on
+# held-out accuracy. Its learning rate is per split.
+PAPER_LEARNING_RATES = {"add_jump": 5e-5, "around_right": 2e-5}
+PAPER_RECIPE: dict[str, Any] = {
+    "steps": 10_000,
+    "batch_size": 1,
+    "weight_decay": 1e-4,
+    "copy_loss": CopyLoss.MEAN_LOG_PROB,
+    "teacher_forcing": 0.5,
+    "stop_at_predicted_eos": True,
+    "token_sum": True,
+    "eval_every": 100,
+}
+# Ours until issue 26: mini-batches of 32, the mixture's NLL, no early stopping.
+MIXTURE_RECIPE: dict[str, Any] = {"steps": 300, "batch_size": 32, "learning_rate": 1e-4}
+
+
+def recipe(name: str, method: Method, group: str, split: str, seed: int, **overrides: Any) -> FinetuneConfig:
+    """The named fine-tuning recipe: ``paper``, ``selected`` (the paper's, but equizero trains on its selected
+    copy's NLL; the other methods as the paper), ``mixture`` (ours before issue 26), or ``augmented`` (the
+    paper's schedule, vanilla on group-augmented pairs)."""
+    paper = {**PAPER_RECIPE, "learning_rate": PAPER_LEARNING_RATES.get(split, 5e-5)}
+    selected = {**paper, "copy_loss": CopyLoss.SELECTED_COPY} if method is Method.EQUIZERO else paper
+    options: dict[str, Any] = {
+        "paper": paper,
+        "selected": selected,
+        "augmented": {**paper, "augment": True},
+        "mixture": MIXTURE_RECIPE,
+    }[name]
+    return FinetuneConfig(method, group, split, seed, **{**options, **overrides})
+
 
 def finetune(
-    pretrained: Seq2Seq, config: FinetuneConfig, *, progress: bool = True, evaluate: bool = True
+    pretrained: Seq2Seq,
+    config: FinetuneConfig,
+    *,
+    progress: bool = True,
+    evaluate: bool = True,
+    curve_sets: dict[str, Sequence[Pair]] | None = None,
 ) -> TrainResult:
-    """``config.steps`` steps of ``config.method`` from a copy of ``pretrained``; the model after the last step
-    (with its held-out accuracy under the method, unless not ``evaluate``: then NaN)."""
+    """``config.steps`` steps of ``config.method`` from a copy of ``pretrained``: the model after the last step,
+    or with ``eval_every`` the checkpoint of best held-out accuracy under the method (its held-out accuracy,
+    NaN when not ``evaluate`` and nothing selected). ``curve_sets`` (name -> pairs) are evaluated at
+    ``curve_steps``, into the curve."""
     seed_everything(config.seed)
     if config.freeze_model and config.method is not Method.LAMBDA:
         raise ValueError("freeze_model trains the λ-net alone: it needs method lambda")
@@ -301,25 +475,60 @@ def finetune(
         model.eval()  # a frozen model: no dropout either, as it will be served
     if lambda_net is not None:
         params.append({"params": list(lambda_net.parameters()), "lr": config.lambda_learning_rate})
-    optimizer = torch.optim.Adam(params)
+    optimizer = torch.optim.Adam(params, weight_decay=config.weight_decay)
     train_pairs, held = held_out_split(config.split, config.held_out)
     training = oversample_short(train_pairs, config.short_words, config.short_repeats)
     batches = _batches(training, config.batch_size, random.Random(config.seed))
+    forcing = random.Random(config.seed + 1)  # its own stream: the same draws for every method
+    augmenting = torch.Generator().manual_seed(config.seed + 2)
+    trained = [p for g in params for p in g["params"]]
+    kwargs = {"lambda_net": lambda_net, "mixture": config.mixture, "zero_loss": config.zero_loss}
+
+    def held_out_accuracy() -> float:
+        acc = accuracy(model, group, held, config.method, **kwargs)
+        model.train(not config.freeze_model)
+        return acc
+
     started = time.perf_counter()
     desc = f"{config.split} {model.config.cell} {config.method.value}{' (λ only)' if config.freeze_model else ''}"
-    for _ in tqdm(range(config.steps), desc=desc, disable=not progress):
-        loss = method_loss(model, group, next(batches), config.method, lambda_net, config.mixture, config.zero_loss)
+    best: tuple[float, int, dict[str, Tensor], dict[str, Tensor] | None] | None = None
+    curve: list[dict[str, float]] = []
+    losses: list[float] = []
+    for step in tqdm(range(1, config.steps + 1), desc=desc, disable=not progress):
+        objective = config.objective(free_running=forcing.random() >= config.teacher_forcing)
+        loss = method_loss(model, group, next(batches), config.method, lambda_net, objective, augmenting)
         optimizer.zero_grad()
         loss.backward()
-        trained = [p for g in params for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(trained, config.clip)
         optimizer.step()
+        losses.append(float(loss.detach()))
+        selecting = config.eval_every and (step % config.eval_every == 0 or step == config.steps)
+        if not (selecting or step in config.curve_steps):
+            continue
+        point: dict[str, float] = {"step": step, "loss": sum(losses) / len(losses)}
+        losses.clear()
+        point["held_out_accuracy"] = held_out_accuracy()
+        if step in config.curve_steps:
+            for name, pairs in (curve_sets or {}).items():
+                point[f"{name}_accuracy"] = accuracy(model, group, pairs, config.method, **kwargs)
+            model.train(not config.freeze_model)
+        curve.append(point)
+        if selecting and (best is None or point["held_out_accuracy"] > best[0]):
+            lam_state = copy.deepcopy(lambda_net.state_dict()) if lambda_net is not None else None
+            best = (point["held_out_accuracy"], step, copy.deepcopy(model.state_dict()), lam_state)
+    if best is not None:
+        model.load_state_dict(best[2])
+        if lambda_net is not None and best[3] is not None:
+            lambda_net.load_state_dict(best[3])
     model.eval()
     if lambda_net is not None:
         lambda_net.eval()
-    kwargs = {"lambda_net": lambda_net, "mixture": config.mixture, "zero_loss": config.zero_loss}
-    acc = accuracy(model, group, held, config.method, **kwargs) if evaluate else float("nan")
-    return TrainResult(model, acc, config.steps, time.perf_counter() - started, [], lambda_net)
+    if best is not None:
+        acc, best_step = best[0], best[1]
+    else:
+        acc = accuracy(model, group, held, config.method, **kwargs) if evaluate else float("nan")
+        best_step = config.steps
+    return TrainResult(model, acc, best_step, time.perf_counter() - started, curve, lambda_net)
 
 
 # ---------------------------------------------------------------------------------------
