@@ -48,7 +48,7 @@ from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 
 from app.equivariance.methods import Method  # noqa: E402
 from app.equivariance.qvalues import QValueModel  # noqa: E402
-from app.tasks.act.envs import Starts, make_env  # noqa: E402
+from app.tasks.act.envs import Starts, make_env, solved_threshold  # noqa: E402
 from app.tasks.act.qnet import QNet, equivariant  # noqa: E402
 from app.tasks.act.symmetries import symmetry  # noqa: E402
 from app.tasks.act.training import DQNConfig, Target, load_qnet, train_dqn  # noqa: E402
@@ -57,7 +57,7 @@ RESULTS = REPO_ROOT / "bench" / "results"
 MODELS = REPO_ROOT / "models"
 ENV = "CartPole-v1"
 HARD = Starts(0.15)
-SOLVED = 475.0
+SOLVED = solved_threshold(ENV)
 GAMMA = 0.99  # the zoo's CartPole γ, which the Q-values estimate
 BIAS_HORIZON = 100  # Q̂(s_t) vs the return after t, for t < this: γ^(500-100) makes the 500-step cap negligible
 CHECKPOINT_EVERY, PRETRAIN_STEPS, PICK = 2_500, 30_000, (100.0, 300.0)

@@ -49,17 +49,6 @@ METHODS = ("equitune", "equizero", "lambda")
 SHORT_TEST_WORDS = 3  # the third table: test commands of at most this many words
 
 
-def _load_model(path: Path, cell: str):
-    from safetensors.torch import load_file
-
-    from app.tasks.translate.seq2seq import Seq2Seq, state_dict_config
-
-    state = load_file(str(path))
-    model = Seq2Seq(state_dict_config(state, cell))  # type: ignore[arg-type]
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def run_unit(split_name: str, cell: str, seed: int, options: dict[str, Any]) -> dict[str, Any]:
     """Everything of one (split, cell, seed), cached as ``<work>/<split>-<cell>-<seed>/unit.json``."""
     import torch
@@ -259,7 +248,7 @@ def export_models(units: list[dict[str, Any]], work_dir: Path, models_dir: Path)
     from safetensors.torch import load_file
 
     from app.equivariance.lambda_net import LambdaNet
-    from app.tasks.translate.training import SPLIT_NAMES, PretrainConfig, TrainResult, best_run, ship
+    from app.tasks.translate.training import SPLIT_NAMES, PretrainConfig, TrainResult, best_run, load_seq2seq, ship
 
     written = []
     for split_name in SHIPPED_GROUPS:
@@ -268,7 +257,7 @@ def export_models(units: list[dict[str, Any]], work_dir: Path, models_dir: Path)
             runs = []
             for seed, u in sorted(mine.items()):
                 p = u["pretrain"]
-                model = _load_model(work_dir / f"{split_name}-{cell}-{seed}" / "pretrained.safetensors", cell)
+                model = load_seq2seq(work_dir / f"{split_name}-{cell}-{seed}" / "pretrained.safetensors", cell)
                 runs.append(
                     (
                         PretrainConfig(**p["config"]),

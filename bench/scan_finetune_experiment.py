@@ -91,17 +91,6 @@ COMPARISONS = (
 )
 
 
-def _load_model(path: Path, cell: str) -> Any:
-    from safetensors.torch import load_file
-
-    from app.tasks.translate.seq2seq import Seq2Seq, state_dict_config
-
-    state = load_file(str(path))
-    model = Seq2Seq(state_dict_config(state, cell))  # type: ignore[arg-type]
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def weights_hash(model: Any) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -112,10 +101,10 @@ def weights_hash(model: Any) -> str:
 
 def _eval_sets(split_name: str, limit: int | None) -> dict[str, list]:
     from app.tasks.translate.scan import split
-    from app.tasks.translate.training import held_out_split
+    from app.tasks.translate.training import PretrainConfig, held_out_split
 
     test = sorted(split(split_name).test)
-    _, held = held_out_split(split_name, 0.1)
+    _, held = held_out_split(split_name, PretrainConfig.held_out)  # the part every recipe selects on
     if limit:  # smoke runs: the first commands only
         test, held = test[:limit], sorted(held)[:limit]
     return {"test": test, "held_out": held, "test_short": [p for p in test if len(p[0].split()) <= SHORT_TEST_WORDS]}
@@ -182,7 +171,7 @@ def run_one(split_name: str, cell: str, seed: int, run: str, options: dict[str, 
     import torch
 
     from app.equivariance import Method
-    from app.tasks.translate.training import config_dict, finetune, recipe
+    from app.tasks.translate.training import config_dict, finetune, load_seq2seq, recipe
 
     torch.set_num_threads(1)
     recipe_name, method = run.split(":")
@@ -200,7 +189,7 @@ def run_one(split_name: str, cell: str, seed: int, run: str, options: dict[str, 
     cache = folder / f"{recipe_name}-{method}.json"
     if cache.is_file() and json.loads(cache.read_text())["config"] == _as_json(config_dict(config)):
         return json.loads(cache.read_text())
-    pretrained = _load_model(folder / "pretrained.safetensors", cell)
+    pretrained = load_seq2seq(folder / "pretrained.safetensors", cell)
     sets = _eval_sets(split_name, options["limit"])
     started = time.perf_counter()
     result = finetune(

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from app.equivariance.groups import PermutationGroup
 from app.equivariance.lambda_net import LambdaNet
 from app.equivariance.methods import Method, Mixture, ZeroLoss, combine, equizero_loss, equizero_weights
 from app.equivariance.model import Copies
@@ -37,7 +38,7 @@ from app.equivariance.sequence import SequenceGroup, teacher_forced_copies
 from app.tasks.translate.groups import scan_group
 from app.tasks.translate.model import decode_commands
 from app.tasks.translate.scan import Pair, split
-from app.tasks.translate.seq2seq import Cell, Seq2Seq, Seq2SeqConfig
+from app.tasks.translate.seq2seq import Cell, Seq2Seq, Seq2SeqConfig, state_dict_config
 from app.tasks.translate.vocab import ACTION_EOS, ACTION_PAD, ACTION_SOS, ACTIONS_VOCAB, COMMAND_PAD, COMMANDS
 
 HELD_OUT_SEED = 0  # the held-out commands are the same for every training seed
@@ -164,7 +165,7 @@ def _augmented(group: SequenceGroup, batch: Batch, generator: torch.Generator | 
     pick = torch.randint(n, (rows,), generator=generator)
     index = torch.arange(rows)
 
-    def act(ids: Tensor, on) -> Tensor:
+    def act(ids: Tensor, on: PermutationGroup) -> Tensor:
         return on.expand(ids).view(n, rows, *ids.shape[1:])[pick, index]
 
     # Padding and the start/end tokens are fixed by every element, so they stay where they are.
@@ -580,6 +581,14 @@ def export_model(
 
 def save_module(module: torch.nn.Module, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def load_seq2seq(path: Path, cell: Cell) -> Seq2Seq:
+    """A seq2seq that ``save_module`` wrote (its sizes read from the weights), in eval mode."""
+    state = load_file(str(path))
+    model = Seq2Seq(state_dict_config(state, cell))
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def config_dict(config: PretrainConfig | FinetuneConfig) -> dict[str, Any]:
