@@ -82,7 +82,12 @@ async def test_models_list_the_language_model_and_generate_answers(text_models_d
                                               "seed": 3, "temperature": 0.8, "top_k": 10})).json()  # fmt: skip
         assert again["tokens"] == body["tokens"]
         defaults = (await client.post(URL, json={"prompt": "He"})).json()
-        assert defaults["method"] == "equitune" and len(defaults["tokens"]) == 4 and defaults["seed"] >= 0
+        assert defaults["method"] == "equitune" and defaults["seed"] >= 0
+        # the drawn seed may sample the end of text early: the length follows the finish reason
+        n = len(defaults["tokens"])
+        assert (n == 4 and defaults["finish_reason"] == "length") or (n < 4 and defaults["finish_reason"] == "eos")
+        replay = (await client.post(URL, json={"prompt": "He", "seed": defaults["seed"]})).json()
+        assert replay["tokens"] == defaults["tokens"]  # the reported seed reproduces the answer
 
 
 async def test_swapped_prompts_get_swapped_answers_over_http(text_models_dir: Path) -> None:

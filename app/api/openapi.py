@@ -14,6 +14,7 @@ document is the generic one. No torch here.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -34,7 +35,13 @@ Document = dict[str, Any]
 def install_openapi(app: FastAPI, engine: Engine, settings: Settings) -> None:
     """``app.openapi`` (what ``/openapi.json``, ``/docs`` and ``/redoc`` read) becomes the served
     document: built once the models are loaded, and again only if the set of models changes."""
-    generic: Callable[[], Document] = app.openapi  # FastAPI's own, from the routes (cached by FastAPI)
+    fastapi_document: Callable[[], Document] = app.openapi  # from the routes (cached by FastAPI)
+
+    def generic() -> Document:
+        with warnings.catch_warnings():  # the repeated ids it warns of are made unique below
+            warnings.filterwarnings("ignore", message="Duplicate Operation ID", category=UserWarning)
+            return fastapi_document()
+
     built: dict[tuple[tuple[str, str, int], ...], Document] = {}
 
     def document() -> Document:
