@@ -63,8 +63,8 @@ COPY pyproject.toml docker/image_deps.py ./
 
 RUN --mount=type=bind,from=wheels,target=/wheels \
     case "${TORCH_VARIANT}" in \
-        cpu) drop="${CPU_DROP}"; extras="" ;; \
-        cuda) drop=""; extras="gpu" ;; \
+        cpu) drop="${CPU_DROP}"; extras="grpc" ;; \
+        cuda) drop=""; extras="gpu grpc" ;; \
         *) echo "TORCH_VARIANT must be cpu or cuda, not ${TORCH_VARIANT}" >&2; exit 1 ;; \
     esac; \
     python image_deps.py install --torch "${TORCH_PACKAGES}" --extras "${extras}" \
@@ -105,6 +105,7 @@ ENV VIRTUAL_ENV=/opt/venv \
     TORCH_HOME=/home/equiserve/.cache/torch \
     EQUISERVE_HOST=0.0.0.0 \
     EQUISERVE_PORT=8000 \
+    EQUISERVE_GRPC_PORT=8001 \
     EQUISERVE_MODELS_DIR=/app/models
 
 WORKDIR /app
@@ -119,6 +120,8 @@ VOLUME ["/home/equiserve/.cache"]
 USER 10001:10001
 
 EXPOSE 8000
+# the Open Inference Protocol over gRPC (docs/v2.md)
+EXPOSE 8001
 
 # Honoured by Docker (and by podman with systemd; images built with --format docker keep it).
 # The image has no curl: urllib raises on a non-2xx answer (503 while loading or draining),

@@ -36,6 +36,13 @@ class Settings(BaseSettings):
         "(the container image, compose and the manifests set it)",
     )
     port: int = Field(8000, ge=0, le=65535, description="bind port")
+    grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol over gRPC (docs/v2.md), on the same host and engine; "
+        "0 = off (the container image, compose and the manifests set 8001); needs the 'grpc' extra",
+    )
     models_dir: Path = Field(DEFAULT_MODELS_DIR, description="model repository: <dir>/<name>/model.yaml")
     models: Annotated[list[str] | None, NoDecode] = Field(
         None, description="comma-separated model names to load (default: every model whose weights are available)"
@@ -106,6 +113,11 @@ class Settings(BaseSettings):
     )
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and resizing images")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    tracing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="OpenTelemetry traces of the inference routes (docs/tracing.md): auto = on when the standard "
+        "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT or OTEL_TRACES_EXPORTER is set; needs the 'tracing' extra",
+    )
     processes: int = Field(
         1,
         ge=1,

@@ -100,6 +100,13 @@ def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
         raise TensorError("the inference request must be a JSON object")
     if b"\\u" in header and not _unicode(request):  # only an escape can make a lone surrogate
         raise TensorError("the inference request holds text that is not valid Unicode (a lone UTF-16 surrogate)")
+    return infer_body(request, rest)
+
+
+def infer_body(request: dict[str, Any], rest: bytes) -> InferBody:
+    """A request's header as parsed JSON (``inputs``, ``outputs``, ``parameters``, ``id``) and the
+    binary tensor data after it: what both the REST body and a gRPC request (``app.api.grpc``,
+    whose raw contents become ``rest``) are read into."""
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise TensorError("'id' must be a string")
@@ -284,7 +291,7 @@ def encode_response(
         datatype, array = tensors[output.name]
         entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": list(array.shape)}
         if output.binary:
-            chunk = _bytes_payload(array) if datatype == "BYTES" else array.astype(NUMERIC[datatype]).tobytes()
+            chunk = tensor_bytes(datatype, array)
             entry["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:
@@ -298,8 +305,14 @@ def encode_response(
     return b"".join([encoded, *chunks]), headers
 
 
-def _bytes_payload(array: np.ndarray) -> bytes:
-    return b"".join(struct.pack("<I", len(e)) + e for e in array.flat)
+def tensor_bytes(datatype: str, array: np.ndarray) -> bytes:
+    """An output's raw bytes, as binary tensor data (and gRPC's ``raw_output_contents``) carry them."""
+    return bytes_payload(list(array.flat)) if datatype == "BYTES" else array.astype(NUMERIC[datatype]).tobytes()
+
+
+def bytes_payload(elements: list[bytes]) -> bytes:
+    """BYTES elements as the protocol's raw form: each a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
 # -- what each task takes and gives ------------------------------------------------------------

@@ -48,6 +48,7 @@ from ray.serve.deployment import Application
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import tracing
 from app.api.middleware import error_json
 from app.config import Settings
 
@@ -225,6 +226,9 @@ class EquiserveReplica:
         self.replica = context.replica_id.unique_id
         self.actor_name = context.replica_id.to_full_id_str()
         self.labels = {"replica": self.replica, "deployment": context.deployment, "application": context.app_name}
+        # Ray's proxy hands the replica the client's headers as they came, traceparent included: the
+        # replica's middleware continues the client's trace. Each replica is one service instance.
+        tracing.start(settings.tracing, {"service.instance.id": self.replica, "equiserve.replica": self.replica})
         self.web = create_app(settings)
         self.web.add_middleware(ReplicaHeader, replica=self.replica)
         self._metrics: tuple[_MetricsServer, asyncio.Task] | None = None
@@ -272,13 +276,21 @@ class EquiserveReplica:
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 5)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(tracing.shutdown)  # its buffered spans are exported before the actor goes
 
 
 def deployment_options(settings: Settings) -> dict[str, Any]:
     """Ray Serve deployment options from the settings (``serve --ray`` flags / env vars)."""
+    actor: dict[str, Any] = {"num_cpus": settings.replica_cpus}
+    # The OpenTelemetry configuration goes with each replica, also to the nodes of a cluster the
+    # driver joined (whose workers do not inherit its environment).
+    otel = {name: value for name, value in os.environ.items() if name.startswith("OTEL_")}
+    if otel:
+        actor["runtime_env"] = {"env_vars": otel}
     options: dict[str, Any] = {
         "name": APP_NAME,
-        "ray_actor_options": {"num_cpus": settings.replica_cpus},
+        "ray_actor_options": actor,
         "max_ongoing_requests": settings.max_ongoing_requests,
         "graceful_shutdown_timeout_s": settings.drain_timeout_s,
         "graceful_shutdown_wait_loop_s": 0.5,

@@ -20,6 +20,9 @@ from app.config import Settings
 from app.engine.engine import Engine
 
 log = logging.getLogger("equiserve.server")
+# The engine is idle by the time the lifespan ends (DrainingServer), so a gRPC call still open is
+# only writing its answer, or one that came after the drain timeout: as uvicorn's own grace.
+GRPC_GRACE_S = 5.0
 
 DESCRIPTION = """
 Invariant and equivariant predictions from pretrained models with λ-equitune
@@ -47,9 +50,16 @@ def create_app(
         else:
             await engine.start()
             log.info("ready: serving %s", ", ".join(engine.models))
+        grpc = None
+        if settings.grpc_port:  # imported only then: grpcio is the 'grpc' extra
+            from app.api.grpc_service import start_grpc_server
+
+            grpc = await start_grpc_server(engine, settings, app.version)
         try:
             yield
         finally:
+            if grpc is not None:  # the drain is done (or timed out): answer what is left, refuse new calls
+                await grpc.stop(GRPC_GRACE_S)
             await engine.stop()
             log.info("stopped: every accepted request was answered")
 

@@ -16,6 +16,7 @@ import tempfile
 import time
 from typing import Any
 
+from app import tracing
 from app.command_line import configure_server_logging, require_extra
 from app.config import Settings
 from app.tasks import TASKS, task_limits
@@ -67,8 +68,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_server_logging(settings.log_level)
+    if settings.grpc_port:
+        if settings.ray:
+            raise SystemExit("--grpc-port is not served with --ray (Ray Serve's proxy speaks HTTP): leave it unset")
+        require_extra("grpc", "serve --grpc-port", "grpc", "grpc_health", "grpc_reflection", "google.protobuf")
     if settings.ray:  # Ray Serve replicas of the same app (app/ray_serve.py)
         require_extra("ray", "serve --ray", "ray")
+        tracing.require(settings.tracing)  # each replica traces (app.ray_serve); the driver does not
         from app.ray_serve import serve_on_ray
 
         code = serve_on_ray(settings)
@@ -88,6 +94,8 @@ def serve(settings: Settings) -> int:
         return serve_processes(settings)
     from app.server import create_app
 
+    if tracing.start(settings.tracing):  # each process of --processes traces its own requests
+        log.info("tracing: on (OpenTelemetry; docs/tracing.md)")
     # Alone on its port, a server listens while its models load (health answers, inference is 503).
     # Sharing the port with its siblings (SO_REUSEPORT: --processes), it listens only once ready:
     # the kernel spreads connections over every listening process and would hand some to one that
@@ -95,7 +103,10 @@ def serve(settings: Settings) -> int:
     app = create_app(settings, load_in_background=not settings.reuse_port)
     engine = app.state.engine
     server = DrainingServer(uvicorn_config(app, settings), engine, settings.drain_timeout_s)
-    server.run(listening_socket(settings) if settings.reuse_port else None)
+    try:
+        server.run(listening_socket(settings) if settings.reuse_port else None)
+    finally:
+        tracing.shutdown()  # the spans still buffered are exported: run_serve ends with os._exit
     return 0 if server.started and engine.load_error is None else 1
 
 

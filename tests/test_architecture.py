@@ -4,7 +4,7 @@ Layers, top to bottom (docs/architecture.md draws them)::
 
     app.__main__ -> app.cli -> app.serving -> app.ray_serve -> app.server -> app.api -> app.engine
       -> app.tasks -> app.repository -> (app.backbones, app.oip, app.runtime) -> app.equivariance
-      -> (app.command_line, app.metrics, app.web) -> (app.config, app.errors)
+      -> app.tracing -> (app.command_line, app.metrics, app.web) -> (app.config, app.errors)
 
 A module may import its own top-level package and anything in a lower layer, never a higher
 one nor another package of its own layer. Every import counts: module level, inside functions
@@ -32,6 +32,7 @@ LAYERS: list[set[str]] = [
     {"app.repository"},
     {"app.backbones", "app.oip", "app.runtime"},
     {"app.equivariance"},
+    {"app.tracing"},
     {"app.command_line", "app.metrics", "app.web"},
     {"app.config", "app.errors"},
 ]

@@ -225,3 +225,14 @@ def test_bench_startup_smoke(tmp_path: Path, tiny_dir: Path) -> None:
     for run in runs:
         assert 0 < run["listening_s"] <= run["ready_s"] and set(run["model_load_s"]) == {"tiny"}
     assert out.with_suffix(".md").read_text().startswith("# Start-up")
+
+
+def test_bench_grpc_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "grpc.json"
+    run_script("bench_grpc.py", "--concurrency", "1", "2", "--duration", "0.5", "--rounds", "1", "--out", str(out))
+    report = read(out)
+    assert [row["concurrency"] for row in report["summary"]] == [1, 2]
+    for row in report["summary"]:
+        for protocol in ("rest", "grpc"):
+            assert row[protocol]["errors"] == 0 and row[protocol]["throughput_rps"] > 0, row
+    assert out.with_suffix(".md").read_text().count("| grpc |") == 2

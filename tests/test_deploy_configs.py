@@ -123,6 +123,8 @@ def test_compose_equiserve_service(compose):
 
     env = env_dict(svc)
     assert str(env["EQUISERVE_PORT"]) == "8000"
+    assert str(env["EQUISERVE_GRPC_PORT"]) == "8001"
+    assert any(str(p).split(":")[-1] == "8001" for p in svc["ports"]), svc["ports"]
     assert env["EQUISERVE_HOST"] == "0.0.0.0"
     assert all(k.startswith("EQUISERVE_") for k in env), "only the app's own knobs belong here"
 
@@ -513,6 +515,7 @@ def test_dockerfile_runtime_stage():
         assert m and m.group(1).startswith(CACHE_DIR), f"{var} must point into the cache volume"
     assert re.search(r"\bEQUISERVE_HOST=0\.0\.0\.0\b", env)
     assert re.search(r"\bEQUISERVE_PORT=8000\b", env)
+    assert re.search(r"\bEQUISERVE_GRPC_PORT=8001\b", env) and ("EXPOSE", "8001") in runtime
 
     cmds = [a for i, a in runtime if i == "CMD"]
     assert exec_form(cmds[-1]) == ["python", "-m", "app", "serve"]
@@ -596,4 +599,4 @@ def test_the_cuda_image_takes_onnxruntime_gpu_in_place_of_onnxruntime():
     assert "onnxruntime-gpu" in cuda and "onnxruntime" not in cuda
     assert cpu - {"onnxruntime"} == cuda - {"onnxruntime-gpu"}
     text = DOCKERFILE.read_text(encoding="utf-8")
-    assert re.search(r'cuda\) drop=""; extras="gpu"', text) and '--extras "${extras}"' in text
+    assert re.search(r'cuda\) drop=""; extras="gpu grpc"', text) and '--extras "${extras}"' in text

@@ -27,6 +27,7 @@ K8S = ROOT / "deploy" / "kubernetes"
 SERVE_CONFIG = ROOT / "deploy" / "ray-serve.yaml"
 K8S_VERSION = kubernetes_validate.latest_version()
 PORT = 8000
+GRPC_PORT = 8001  # EQUISERVE_GRPC_PORT: the Open Inference Protocol over gRPC
 PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "app.ray_serve:proxy_middlewares")
 
 
@@ -96,7 +97,8 @@ def test_plain_server_probes_drain_and_resources() -> None:
     (container,) = pod["spec"]["containers"]
     assert container["image"].split(":")[0] == "equiserve"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": PORT} and env_of(container)["EQUISERVE_PORT"] == str(PORT)
+    assert ports == {"http": PORT, "grpc": GRPC_PORT} and env_of(container)["EQUISERVE_PORT"] == str(PORT)
+    assert env_of(container)["EQUISERVE_GRPC_PORT"] == str(GRPC_PORT)
     assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
     startup = container["startupProbe"]

@@ -40,7 +40,8 @@ from tests.apptools import free_port, start_server, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SERVER = re.compile(r"\b(localhost|127\.0\.0\.1):8000\b")
+SERVER = re.compile(r"\b(localhost|127\.0\.0\.1):(8000|8001)\b")  # 8001: its gRPC port (docs/v2.md)
+GRPC_PORT: list[int] = []  # the port the examples' 8001 becomes, once the server runs
 SHELL = {"bash", "sh", "shell", "console"}
 SKIP_MARKER = re.compile(r"\A# not run by tests/test_docs_examples\.py: (.+)\n")
 # The only kinds of example that are not run: what this test cannot do on a developer's machine.
@@ -447,7 +448,7 @@ def run_shell(
     calls_dir = Path(tempfile.mkdtemp(prefix="example-calls-"))
     try:
         result = subprocess.run(
-            ["bash", "-c", CURL_WRAPPER + SERVER.sub(rf"\g<1>:{port}", script)], cwd=tree, capture_output=True,
+            ["bash", "-c", CURL_WRAPPER + on_server(script, port)], cwd=tree, capture_output=True,
             text=True, timeout=timeout, env={**example_env(), "EXAMPLE_CALLS": str(calls_dir)},
         )  # fmt: skip
         calls = []
@@ -543,10 +544,15 @@ def server_models(blocks: list[Block]) -> list[str]:
     return sorted(wanted)
 
 
+def on_server(text: str, port: int) -> str:
+    """An example's localhost:8000 (HTTP) and :8001 (gRPC) as the ports of the examples' server."""
+    return SERVER.sub(lambda m: f"{m[1]}:{port if m[2] == '8000' else GRPC_PORT[0]}", text)
+
+
 def run_server_example(block: Block, tree: Path, port: int) -> list[str]:
     problems: list[str] = []
     if block.lang == "python":
-        result = run_python(SERVER.sub(rf"\g<1>:{port}", block.text), tree, timeout=300)
+        result = run_python(on_server(block.text, port), tree, timeout=300)
         if result.returncode != 0:
             problems.append(f"failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
         return problems
@@ -584,9 +590,11 @@ SERVER_EXAMPLES = [b for b in BLOCKS if b.calls_server and b not in SKIPPED and 
 @pytest.fixture(scope="module")
 def server() -> Iterator[int]:
     models = server_models(SERVER_EXAMPLES)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
+    GRPC_PORT[:] = [grpc_port]
     # torch, no warmup: no ONNX export and no warmup batches, so that the server is ready soonest
-    with start_server(ROOT / "models", port, "--models", ",".join(models), "--no-warmup") as process:
+    with start_server(ROOT / "models", port, "--models", ",".join(models), "--no-warmup",
+                      "--grpc-port", str(grpc_port)) as process:  # fmt: skip
         wait_ready(f"http://127.0.0.1:{port}", process, timeout=400)
         yield port
 

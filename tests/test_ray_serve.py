@@ -63,6 +63,19 @@ def test_deployment_options_fixed_and_autoscaling() -> None:
         deployment_options(Settings(min_replicas=3, max_replicas=2))
 
 
+def test_the_opentelemetry_configuration_goes_with_each_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers on the nodes of a joined cluster do not inherit the driver's environment: the OTEL_*
+    variables travel in the replicas' runtime_env (tests/test_tracing_wire.py runs a replica)."""
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    assert "runtime_env" not in deployment_options(Settings())["ray_actor_options"]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "s")
+    assert deployment_options(Settings())["ray_actor_options"]["runtime_env"] == {
+        "env_vars": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SERVICE_NAME": "s"}
+    }
+
+
 def test_replica_settings_threads_and_nice(monkeypatch: pytest.MonkeyPatch) -> None:
     """A replica's compute threads: one per reserved CPU and the process's own priority,
     unless set, by argument or by EQUISERVE_* variable (Ray starts every actor of a node in

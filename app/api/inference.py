@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
+from app import tracing
 from app.engine.engine import StreamEvent
 from app.errors import EngineError
 from app.tasks import TASKS, task_http
@@ -74,7 +75,9 @@ def add_task_route(router: APIRouter, task: str, http: TaskHttp) -> None:
         output = await until_disconnected(
             request, lambda reader: engine.infer(name, task, reader, request_id=request_id), source
         )
-        return Response(http.encode(output), media_type="application/json")
+        with tracing.span_here("equiserve.answer") if tracing.enabled else tracing.NO_SPAN:
+            body = http.encode(output)
+        return Response(body, media_type="application/json")
 
     schema = inline_definitions(answer_schema(http.answer_type))
     ok: dict[str, Any] = {"description": "the answer", "content": {"application/json": {"schema": schema}}}

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import tracing
 from app.metrics import Metrics
 from app.tasks import TASKS
 
@@ -126,17 +127,26 @@ class RequestContextMiddleware:
 
         match = INFERENCE_PATH.match(scope.get("path", ""))
         status_holder = {"status": 500}
+        # Only the inference routes are traced (probes and scrapes would drown them): one check when off.
+        span = self._server_span(scope, match, request_id) if tracing.enabled and match is not None else None
+        answer_headers = [(b"x-request-id", request_id.encode())]
+        if span is not None and span.trace_id is not None:
+            answer_headers.append((tracing.TRACE_ID_HEADER, span.trace_id.encode()))
 
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message["headers"], *answer_headers]
             await send(message)
 
         started = time.perf_counter()
+        failure: BaseException | None = None
         try:
             await self.app(scope, counting_receive, recording_send)
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             status, seconds, path = status_holder["status"], time.perf_counter() - started, scope.get("path", "")
             if match is not None:
@@ -146,9 +156,22 @@ class RequestContextMiddleware:
             # The one access line of a request (uvicorn's own is off): ids, route, sizes and
             # outcome only, never image bytes, labels or prompts.
             level = logging.DEBUG if path.startswith(QUIET_PATHS) else logging.INFO
-            log.log(level, "request_id=%s %s %s status=%d bytes=%d ms=%.1f",
+            traced = f" trace_id={span.trace_id}" if span is not None and span.trace_id is not None else ""
+            log.log(level, "request_id=%s %s %s status=%d bytes=%d ms=%.1f%s",
                     request_id, printable(scope.get("method", "-")), printable(path), status, received,
-                    seconds * 1000)  # fmt: skip
+                    seconds * 1000, traced)  # fmt: skip
+            if span is not None:
+                span.end(status, failure)
+
+    def _server_span(self, scope: Scope, match: re.Match[str], request_id: str) -> tracing.ServerSpan:
+        """The request's server span (its route as the name: bounded, unlike the path)."""
+        model, endpoint = self._labels(match)
+        route = "/v1/models/{name}/" + endpoint if match["model"] else "/v2/models/{name}/infer"
+        span = tracing.ServerSpan(scope.get("method", "-"), route, scope.get("path", ""), scope.get("headers", []))
+        span.set(**{"equiserve.model": model, "equiserve.request_id": request_id})
+        if match["model"]:
+            span.set(**{"equiserve.task": endpoint})
+        return span
 
     def _labels(self, match: re.Match[str]) -> tuple[str, str]:
         """(model, endpoint) labels; names that are not served count as "unknown" (bounded series)."""

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
+from app.engine.engine import Engine
 from app.errors import EngineError, ModelNotFound, NotReady, QueueFull, UnsupportedBody
 from app.oip import (
     HEADER_LENGTH,
@@ -77,9 +78,18 @@ class V2Route(APIRoute):
         return route
 
 
+# GET /v2's extensions (and the gRPC ServerMetadata's: app.api.grpc_service).
+EXTENSIONS = ["binary_tensor_data"]
+
+
 def served(request: Request, name: str, version: str | None) -> tuple[Any, V2Mapping]:
-    """The model ``name`` and how its task speaks v2; 404 for anything /v2 does not serve."""
-    model = engine_of(request).model(name)
+    return served_model(engine_of(request), name, version)
+
+
+def served_model(engine: Engine, name: str, version: str | None) -> tuple[Any, V2Mapping]:
+    """The model ``name`` and how its task speaks v2; 404 (gRPC: NOT_FOUND) for anything the
+    protocol does not serve."""
+    model = engine.model(name)
     adapter = task_http(model.task).v2
     if adapter is None:
         raise ModelNotFound(f"model {name!r} serves task {model.task!r}, which /v2 does not; use /v1/models/{name}")
@@ -302,23 +312,28 @@ def add_model_route(router: APIRouter, method: str, suffix: str, endpoint: Endpo
                          name=f"{name}_version", dependencies=dependencies, include_in_schema=False)  # fmt: skip
 
 
+def model_metadata_of(engine: Engine, name: str, version: str | None) -> dict[str, Any]:
+    """``GET /v2/models/{name}`` (and gRPC ModelMetadata): the model's tensors."""
+    model, adapter = served_model(engine, name, version)
+    card = model.card()
+    return {
+        "name": name,
+        "versions": [VERSION],
+        "platform": f"equiserve_{model.task}",
+        "inputs": [spec.metadata() for spec in adapter.inputs(card)],
+        "outputs": [spec.metadata() for spec in adapter.outputs(card)],
+    }
+
+
 def build_v2_router() -> APIRouter:
     router = APIRouter(route_class=V2Route, tags=["open inference protocol (v2)"])
 
     @router.get("/v2", response_model=ServerMetadata, summary="Server metadata")
     async def server_metadata(request: Request) -> dict[str, Any]:
-        return {"name": "equiserve", "version": request.app.version, "extensions": ["binary_tensor_data"]}
+        return {"name": "equiserve", "version": request.app.version, "extensions": EXTENSIONS}
 
     async def model_metadata(request: Request, name: str, version: str | None) -> dict[str, Any]:
-        model, adapter = served(request, name, version)
-        card = model.card()
-        return {
-            "name": name,
-            "versions": [VERSION],
-            "platform": f"equiserve_{model.task}",
-            "inputs": [spec.metadata() for spec in adapter.inputs(card)],
-            "outputs": [spec.metadata() for spec in adapter.outputs(card)],
-        }
+        return model_metadata_of(engine_of(request), name, version)
 
     async def model_ready(request: Request, name: str, version: str | None) -> dict[str, Any]:
         engine = engine_of(request)

@@ -27,8 +27,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from app import tracing
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, TooLarge
 
 from .priority import lower_this_thread
@@ -46,6 +47,7 @@ class BatchInfo:
     queue_s: float
     inference_s: float
     batch_size: int
+    trace: Any = None  # the batch span's context when traced (app.tracing): the request's queue span links to it
 
 
 @dataclass
@@ -56,6 +58,7 @@ class _Pending(Generic[T]):
     deadline: float
     request_id: str = ""
     timer: asyncio.TimerHandle | None = None  # answers 504 at the deadline if still queued
+    trace: Any = None  # the span context of the item's request when traced (app.tracing)
 
 
 class Arrival:
@@ -105,11 +108,12 @@ class DynamicBatcher(Generic[T, R]):
         on_depth: OnDepth | None = None,
         always_wait: bool = False,
         compute_nice: int = 0,
+        span_attributes: dict[str, Any] | None = None,
     ) -> None:
         """``always_wait``: batches wait ``max_wait_s`` even with nothing announced, for callers
         that cannot announce requests early (the text route gets its body already parsed).
         ``compute_nice``: the nice increment of the thread running the handler (see
-        ``app.engine.priority``)."""
+        ``app.engine.priority``). ``span_attributes``: of each batch's span when traced."""
         self.name = name
         self.handler = handler
         self.max_batch_size = max_batch_size
@@ -129,6 +133,7 @@ class DynamicBatcher(Generic[T, R]):
         self._on_batch, self._on_queued, self._on_depth = on_batch, on_queued, on_depth
         self.stats = BatcherStats()
         self._last_batch_s = 0.0
+        self._span_attributes = {"equiserve.model": name, **(span_attributes or {})}
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -159,7 +164,7 @@ class DynamicBatcher(Generic[T, R]):
         batches_ahead = self.depth / self.max_batch_size + 1
         return max(1.0, round(batches_ahead * max(self._last_batch_s, self.max_wait_s), 1))
 
-    def submit_nowait(self, item: T, timeout_s: float, request_id: str = "") -> asyncio.Future:
+    def submit_nowait(self, item: T, timeout_s: float, request_id: str = "", trace: Any = None) -> asyncio.Future:
         """Queue ``item``; the returned future resolves to ``(result, BatchInfo)``.
 
         Raises ``QueueFull`` or ``NotReady`` at once, so a request with several images can
@@ -173,7 +178,7 @@ class DynamicBatcher(Generic[T, R]):
             raise QueueFull(f"model {self.name!r} has {self.queue_size} images queued", self.retry_after_s())
         now = time.perf_counter()
         future = asyncio.get_running_loop().create_future()
-        pending = _Pending(item, future, now, now + timeout_s, request_id)
+        pending = _Pending(item, future, now, now + timeout_s, request_id, trace=trace)
         pending.timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, pending)
         self._queue.append(pending)
         self._report_depth()
@@ -293,17 +298,24 @@ class DynamicBatcher(Generic[T, R]):
         return self._always_wait or self._arriving > 0
 
     async def _serve(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T]]) -> None:
+        span = tracing.batch_span(batch, self._span_attributes) if tracing.enabled else None
+        failed: Exception | None = None
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self.handler, [p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"handler returned {len(results)} results for {len(batch)} items")
         except Exception as exc:  # the whole batch failed: each of its items gets the error
+            failed = exc
             self.stats.failed_batches += 1
             ids = ",".join(p.request_id for p in batch if p.request_id)
             log.exception("batch of %d failed on model %s (request ids: %s)", len(batch), self.name, ids)
             results = [InferenceFailed(f"inference failed on model {self.name!r}: {type(exc).__name__}")] * len(batch)
         inference_s = time.perf_counter() - started
+        batch_trace = None
+        if span is not None:
+            span.end(failed)
+            batch_trace = span.context
         self._last_batch_s = inference_s
         self.stats.batches += 1
         self.stats.items += len(batch)
@@ -318,4 +330,4 @@ class DynamicBatcher(Generic[T, R]):
             if isinstance(result, BaseException):
                 pending.future.set_exception(result)
             else:
-                pending.future.set_result((result, BatchInfo(queue_s, inference_s, len(batch))))
+                pending.future.set_result((result, BatchInfo(queue_s, inference_s, len(batch), batch_trace)))

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from app import tracing
 from app.config import Settings, default_cache_dir
 from app.errors import (
     DeadlineExceeded,
@@ -190,6 +191,7 @@ class Engine:
             on_depth=m.queue_depth.labels(name).set,
             always_wait=model.always_wait,
             compute_nice=self.settings.compute_nice,
+            span_attributes=tracing.model_attributes(model),  # plain values: nothing of OpenTelemetry
         )
 
     def _release_memory(self) -> bool:
@@ -268,9 +270,11 @@ class Engine:
         then called only once the request is admitted (an HTTP body is not read when the
         request would be refused anyway).
         """
-        async with self._admitted(name, task) as (model, batcher, arrival):
-            request, futures, items = await self._enqueue(model, batcher, arrival, request, request_id, None)
-            return await self._answer(model, request, futures, items, request_id)
+        trace = tracing.request_trace(name, task, request_id) if tracing.enabled else tracing.OFF
+        with trace:
+            async with self._admitted(name, task, trace) as (model, batcher, arrival):
+                request, futures, items = await self._enqueue(model, batcher, arrival, request, request_id, None, trace)
+                return await self._answer(model, request, futures, items, request_id, trace)
 
     async def stream(
         self, name: str, task: str, request: RequestSource, *, request_id: str = ""
@@ -284,42 +288,52 @@ class Engine:
         def emit(kind: str, data: Any) -> None:  # called from the inference thread
             loop.call_soon_threadsafe(events.put_nowait, StreamEvent(kind, data))
 
-        async with self._admitted(name, task) as (model, batcher, arrival):
-            request, futures, items = await self._enqueue(model, batcher, arrival, request, request_id, emit)
-            answer = asyncio.ensure_future(self._answer(model, request, futures, items, request_id))
-            # Events are scheduled with call_soon_threadsafe before the batcher resolves the
-            # futures on the loop, so "done" always comes after the last token.
-            answer.add_done_callback(
-                lambda done: events.put_nowait(
-                    StreamEvent("error", NotReady("cancelled")) if done.cancelled()
-                    else StreamEvent("error", done.exception()) if done.exception() is not None
-                    else StreamEvent("done", done.result())
-                )
-            )  # fmt: skip
-            try:
-                first = await events.get()
-                if first.kind == "error":
-                    raise first.data
-                yield first
-                while first.kind not in ("done", "error"):
+        trace = tracing.request_trace(name, task, request_id) if tracing.enabled else tracing.OFF
+        with trace:  # the request's span lasts as long as its stream
+            async with self._admitted(name, task, trace) as (model, batcher, arrival):
+                request, futures, items = await self._enqueue(model, batcher, arrival, request, request_id, emit, trace)
+                answer = asyncio.ensure_future(self._answer(model, request, futures, items, request_id, trace))
+                # Events are scheduled with call_soon_threadsafe before the batcher resolves the
+                # futures on the loop, so "done" always comes after the last token.
+                answer.add_done_callback(
+                    lambda done: events.put_nowait(
+                        StreamEvent("error", NotReady("cancelled")) if done.cancelled()
+                        else StreamEvent("error", done.exception()) if done.exception() is not None
+                        else StreamEvent("done", done.result())
+                    )
+                )  # fmt: skip
+                try:
                     first = await events.get()
+                    if first.kind == "error":
+                        raise first.data
                     yield first
-            finally:
-                answer.cancel()  # no-op once answered; the caller left: stop the work
+                    while first.kind not in ("done", "error"):
+                        first = await events.get()
+                        yield first
+                finally:
+                    answer.cancel()  # no-op once answered; the caller left: stop the work
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, name: str, task: str) -> AsyncIterator[tuple[ServedModel, DynamicBatcher, Arrival]]:
+    async def _admitted(
+        self, name: str, task: str, trace: tracing.RequestTrace | tracing.Off
+    ) -> AsyncIterator[tuple[ServedModel, DynamicBatcher, Arrival]]:
         """Admission at arrival, and the request's in-flight span (drain waits for it)."""
-        self.check_accepting()
-        model = self.model(name, task)
-        batcher = self.batchers[name]
-        arrival = batcher.announce()  # from here on a forming batch may wait for this request
+        with trace.step("equiserve.admission"):
+            self.check_accepting()
+            model = self.model(name, task)
+            trace.describe(model)
+            batcher = self.batchers[name]
+            arrival = batcher.announce()  # from here on a forming batch may wait for this request
+            try:
+                # Shed before reading anything: under overload, parsing and decoding what will be
+                # refused anyway starves the accepted requests and makes the 429 itself slow.
+                self._admit(batcher, 1, arrival)
+            except BaseException:
+                arrival.close()
+                raise
         self._inflight += 1
         self.metrics.inflight.inc()
         try:
-            # Shed before reading anything: under overload, parsing and decoding what will be
-            # refused anyway starves the accepted requests and makes the 429 itself slow.
-            self._admit(batcher, 1, arrival)
             yield model, batcher, arrival
         finally:
             arrival.close()
@@ -334,24 +348,29 @@ class Engine:
         request: RequestSource,
         request_id: str,
         emit: Callable[[str, Any], None] | None,
+        trace: tracing.RequestTrace | tracing.Off,
     ) -> tuple[Any, list[asyncio.Future], list[Any]]:
         if callable(request):
-            request = await request()
-        pieces = model.split(request)
-        self._admit(batcher, len(pieces), arrival)  # shed before preparing
-        if model.prepare_in_pool:
-            loop = asyncio.get_running_loop()
-            items = list(
-                await asyncio.gather(*(loop.run_in_executor(self._preprocess, model.prepare, p) for p in pieces))
-            )
-        else:
-            items = [model.prepare(piece) for piece in pieces]
-        if emit is not None:
-            for item in items:
-                model.stream(item, emit)
-        # Check again and queue all items with no await in between: all or none are accepted.
-        time_left = self._admit(batcher, len(items), arrival)
-        futures = [batcher.submit_nowait(item, time_left, request_id) for item in items]
+            with trace.step("equiserve.read"):
+                request = await request()
+        trace.describe(model, request)
+        with trace.step("equiserve.prepare"):
+            pieces = model.split(request)
+            self._admit(batcher, len(pieces), arrival)  # shed before preparing
+            if model.prepare_in_pool:
+                loop = asyncio.get_running_loop()
+                items = list(
+                    await asyncio.gather(*(loop.run_in_executor(self._preprocess, model.prepare, p) for p in pieces))
+                )
+            else:
+                items = [model.prepare(piece) for piece in pieces]
+            if emit is not None:
+                for item in items:
+                    model.stream(item, emit)
+            # Check again and queue all items with no await in between: all or none are accepted.
+            time_left = self._admit(batcher, len(items), arrival)
+        trace.queued()
+        futures = [batcher.submit_nowait(item, time_left, request_id, trace.span_context) for item in items]
         arrival.close()  # queued: nothing more of this request is on its way
         return request, futures, items
 
@@ -372,10 +391,20 @@ class Engine:
         return time_left
 
     async def _answer(
-        self, model: ServedModel, request: Any, futures: Sequence[asyncio.Future], items: list[Any], request_id: str
+        self,
+        model: ServedModel,
+        request: Any,
+        futures: Sequence[asyncio.Future],
+        items: list[Any],
+        request_id: str,
+        trace: tracing.RequestTrace | tracing.Off,
     ) -> Any:
         try:
-            answers: list[tuple[Any, BatchInfo]] = await asyncio.gather(*futures)
+            try:
+                answers: list[tuple[Any, BatchInfo]] = await asyncio.gather(*futures)
+            except BaseException as exc:
+                trace.waited(0.0, (), exc)  # its queue span ends with what ended the wait (504, cancelled)
+                raise
         except asyncio.CancelledError:  # the caller went away: drop what has not run, stop the rest
             self._abandon(model, futures, items)
             raise
@@ -388,19 +417,23 @@ class Engine:
             log.exception("request %s failed on %s", request_id, model.name)
             raise InferenceFailed(f"inference failed on model {model.name!r}: {type(exc).__name__}") from exc
         results = [result for result, _ in answers]
-        for result in results:  # the diagnostics a task's results carry (app.tasks.base.Diagnosed)
-            entropy, selected = getattr(result, "lambda_net_entropy", None), getattr(result, "selected_transform", None)
-            if entropy is not None:
-                self.metrics.lambda_entropy.labels(model.name).observe(entropy)
-            if selected is not None:
-                self.metrics.selected_transform.labels(model.name, selected).inc()
         infos = [info for _, info in answers]
-        timing = Timing(
-            queue_ms=max(i.queue_s for i in infos) * 1000,
-            inference_ms=max(i.inference_s for i in infos) * 1000,
-            batch_size=max(i.batch_size for i in infos),
-        )
-        return model.respond(request, results, timing)
+        trace.waited(max(i.queue_s for i in infos), [i.trace for i in infos])
+        with trace.step("equiserve.combine"):
+            for result in results:  # the diagnostics a task's results carry (app.tasks.base.Diagnosed)
+                entropy = getattr(result, "lambda_net_entropy", None)
+                selected = getattr(result, "selected_transform", None)
+                if entropy is not None:
+                    self.metrics.lambda_entropy.labels(model.name).observe(entropy)
+                if selected is not None:
+                    self.metrics.selected_transform.labels(model.name, selected).inc()
+            timing = Timing(
+                queue_ms=max(i.queue_s for i in infos) * 1000,
+                inference_ms=max(i.inference_s for i in infos) * 1000,
+                batch_size=max(i.batch_size for i in infos),
+            )
+            trace.answered(results, timing.batch_size)
+            return model.respond(request, results, timing)
 
     @staticmethod
     def _abandon(model: ServedModel, futures: Sequence[asyncio.Future], items: list[Any]) -> None:
