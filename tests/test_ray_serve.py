@@ -2,7 +2,9 @@
 
 One scenario on one cluster, since starting Ray is the slow part: requests spread over both
 replicas (X-Replica); a real Prometheus sees every replica's equiserve_* metrics labelled by
-replica next to Ray Serve's own, and every dashboard panel has data; a replica killed under
+replica next to Ray Serve's own, and every dashboard panel has data; a client's traceparent
+reaches a replica through Ray's proxy and the replica exports that trace over OTLP
+(tests/test_tracing_wire.py's receiver); a replica killed under
 load is replaced while every request gets exactly one answer (those in flight on it are sent
 again by the proxy middleware); SIGTERM drains.
 
@@ -162,7 +164,10 @@ def test_ray_serve_replicas_metrics_faults_and_drain(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}"
     report = json.loads((tmp_path / "report.json").read_text())
     print(json.dumps(report, indent=1))
+    from tests.test_tracing_wire import assert_the_clients_trace_continues
+
     assert len(report["replicas"]) == 2
+    assert_the_clients_trace_continues(report["trace"])
     assert set(report["prometheus_replicas"]) == set(report["replicas"])
     assert set(report["ray_serve_replicas"]) >= set(report["replicas"])
     assert report["empty_panels"] == []
@@ -229,6 +234,7 @@ def load_with(base: str, templates: list[Any], seconds: float, at_s: float, acti
 def scenario(workdir: Path) -> dict[str, Any]:
     """The cluster scenario (inside the namespace); asserts as it goes, returns the tally."""
     from tests.test_prometheus import drive_dashboard_traffic, empty_panels, running_prometheus
+    from tests.test_tracing_wire import start_receiver, trace_through
 
     models, file_sd = workdir / "models", workdir / "file_sd"
     # At 128 px a replica computes most of the time (the pass at 32 px is short beside the trip
@@ -236,6 +242,7 @@ def scenario(workdir: Path) -> dict[str, Any]:
     write_tiny_model(models, input_size=128)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    receiver = start_receiver()  # the replicas export their traces to it (OTEL_* in their runtime_env)
     process = start_server(
         models, port, "--ray", "--replicas", "2", "--max-batch-size", "8", "--drain-timeout-s", "20",
         "--ray-metrics-dir", str(file_sd), "--max-body-bytes", str(MAX_BODY),
@@ -257,6 +264,7 @@ def scenario(workdir: Path) -> dict[str, Any]:
 
         replicas = wait_for(two_replicas, 60, "not both replicas answer", process)
         report["replicas"] = sorted(replicas)
+        report["trace"] = trace_through(base, receiver)
 
         # Metrics: the compose job's static target is the single server's; under Ray the
         # replicas come from file_sd, so it points at a closed port here (no double count).

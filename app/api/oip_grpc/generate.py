@@ -2,8 +2,9 @@
 service's stubs) with grpcio-tools: ``python -m app.api.oip_grpc.generate`` from the repository.
 
 ``--check`` writes nothing: it generates into a temporary folder and fails (exit 1) where the
-vendored files differ, which ``tests/test_grpc_generated.py`` runs. The proto is named by its
-path from the repository's root, so the generated service module imports the messages as
+vendored files differ, which ``tests/test_grpc_setup.py`` runs with the grpcio-tools that the test
+extra pins (another protoc writes other files). The proto is named by its path from the
+repository's root, so the generated service module imports the messages as
 ``app.api.oip_grpc.open_inference_grpc_pb2`` (a package-relative import, not a top-level one).
 """
 
