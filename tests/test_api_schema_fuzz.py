@@ -58,12 +58,12 @@ def test_schemathesis_finds_no_failure_with_every_check(tmp_path: Path, monkeypa
         wait_ready(f"http://127.0.0.1:{port}", process)
         result = subprocess.run(
             [cli, "--config-file", str(config), "run", f"http://127.0.0.1:{port}/openapi.json",
-             "--checks", "all", "--max-examples", "120", "--seed", "1", "--no-color"],
+             "--checks", "all", "--max-examples", "40", "--seed", "1", "--no-color"],
             capture_output=True, text=True, timeout=420, cwd=tmp_path,  # its cache dir goes there
         )  # fmt: skip
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:] + process.output()[-2000:]
     cases = re.search(r"(\d+) generated, (\d+) passed\n", result.stdout)  # and nothing failed or erred
-    assert cases and cases[1] == cases[2] and int(cases[1]) > 500, result.stdout[-3000:]
+    assert cases and cases[1] == cases[2] and int(cases[1]) > 150, result.stdout[-3000:]
     # every operation of the document was tested (the models' own paths are most of them)
     selected = re.search(r"Selected: (\d+)/(\d+)\s+Tested: (\d+)", result.stdout)
     assert selected and len(set(selected.groups())) == 1 and int(selected[1]) >= 15, result.stdout[-3000:]
