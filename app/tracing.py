@@ -178,37 +178,47 @@ def _ended(span: Span) -> Iterator[Span]:
 
 
 class ServerSpan:
-    """The server span of one request to an inference route, from its W3C ``traceparent`` (and
-    ``tracestate``) when it has one; current while the route runs (``attach``/``detach`` in the
-    middleware's own task), so the engine's spans are its children."""
+    """The server span of one request to an inference route (REST) or call (gRPC), from its W3C
+    ``traceparent`` (and ``tracestate``) when it has one; current while the request runs
+    (``attach``/``detach`` in the serving task), so the engine's spans are its children."""
 
-    def __init__(self, method: str, route: str, path: str, headers: Iterable[tuple[bytes, bytes]]) -> None:
+    def __init__(self, name: str, attributes: Mapping[str, Any], carrier: Mapping[str, str]) -> None:
         from opentelemetry import context
         from opentelemetry.trace import SpanKind, set_span_in_context
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         assert _tracer is not None
-        carrier = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in headers}
         parent = TraceContextTextMapPropagator().extract(carrier)
-        self.span = _tracer.start_span(
-            f"{method} {route}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "http.route": route, "url.path": path},
-        )
+        self.span = _tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=dict(attributes))
         self._context = context
         self._token: Any = context.attach(set_span_in_context(self.span, parent))
         span_context = self.span.get_span_context()
         self.trace_id = format(span_context.trace_id, "032x") if span_context.trace_flags.sampled else None
 
+    @classmethod
+    def http(cls, method: str, route: str, path: str, headers: Iterable[tuple[bytes, bytes]]) -> ServerSpan:
+        carrier = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in headers}
+        attributes = {"http.request.method": method, "http.route": route, "url.path": path}
+        return cls(f"{method} {route}", attributes, carrier)
+
+    @classmethod
+    def grpc(cls, service: str, method: str, metadata: Iterable[tuple[str, Any]]) -> ServerSpan:
+        carrier = {key.lower(): value for key, value in metadata if isinstance(value, str)}  # -bin keys are bytes
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        return cls(f"{service}/{method}", attributes, carrier)
+
     def set(self, **attributes: Any) -> None:
         self.span.set_attributes(attributes)
 
-    def end(self, status: int, exc: BaseException | None = None) -> None:
+    def end(self, status: int, exc: BaseException | None = None, **attributes: Any) -> None:
+        """``status``: the HTTP status of the answer (a gRPC call's: its REST equivalent), whose
+        5xx mark the span an error; ``attributes`` are set first (a gRPC call's own status code)."""
         from opentelemetry.trace import Status, StatusCode
 
         self._context.detach(self._token)
         self.span.set_attribute("http.response.status_code", status)
+        if attributes:
+            self.span.set_attributes(attributes)
         if exc is not None:
             self.span.record_exception(exc)
         if status >= 500 or exc is not None:  # a 4xx is the client's: not an error of this server span

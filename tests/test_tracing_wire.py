@@ -171,6 +171,60 @@ def test_a_real_server_exports_the_span_tree_over_otlp_http(
         assert attributes(request)["equiserve.batch_size"] == attributes(batch)["equiserve.batch_size"]
 
 
+@pytest.mark.slow
+def test_a_grpc_call_continues_the_clients_trace(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ModelInfer over gRPC: the client's ``traceparent`` metadata is continued by a server span
+    named after the RPC, the engine's spans under it; the trace id comes back in the initial
+    metadata (``x-trace-id``), and a refused call's span carries its gRPC status."""
+    import grpc
+
+    from app.api.oip_grpc import open_inference_grpc_pb2 as pb
+    from app.api.oip_grpc import open_inference_grpc_pb2_grpc as pb_grpc
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    monkeypatch.delenv("EQUISERVE_TRACING", raising=False)
+    write_tiny_model(tmp_path)
+    port, grpc_port = free_port(), free_port()
+    photo = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    request = pb.ModelInferRequest(
+        model_name="tiny",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])],
+        raw_input_contents=[len(photo).to_bytes(4, "little") + photo],  # BYTES: length-prefixed elements
+    )
+    traceparent = (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),)
+    with start_server(tmp_path, port, "--grpc-port", str(grpc_port), "--no-warmup") as process:
+        wait_ready(f"http://127.0.0.1:{port}", process)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            response, call = stub.ModelInfer.with_call(request, metadata=traceparent, timeout=60)
+            assert response.model_name == "tiny"
+            assert dict(call.initial_metadata())["x-trace-id"] == TRACE_ID
+            unknown = pb.ModelInferRequest(model_name="nope", inputs=request.inputs)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(unknown, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        deadline = time.monotonic() + 30
+        name = "inference.GRPCInferenceService/ModelInfer"
+        while time.monotonic() < deadline:
+            with receiver.lock:
+                spans = [span for _, span in receiver.spans]
+            if sum(s.name == name for s in spans) == 2 and any(s.name == "equiserve.combine" for s in spans):
+                break
+            time.sleep(0.1)
+    servers = {attributes(s)["equiserve.model"]: s for s in spans if s.name == name}
+    served, lost = servers["tiny"], servers["unknown"]
+    assert served.trace_id.hex() == TRACE_ID and served.parent_span_id.hex() == PARENT_ID
+    attrs = attributes(served)
+    assert attrs["rpc.system"] == "grpc" and attrs["rpc.grpc.status_code"] == 0
+    under = {s.name for s in spans if s.parent_span_id == served.span_id}
+    assert "equiserve.request" in under
+    assert attributes(lost)["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert lost.trace_id.hex() != TRACE_ID  # a call without a traceparent starts its own trace
+
+
 def start_receiver() -> Receiver:
     """A receiver serving in a thread of its own, and this process's environment pointing the
     servers it starts at it (tests/test_ray_serve.py's scenario, whose replicas then export)."""

@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from app import tracing
 from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import EngineError, QueueFull
@@ -216,10 +217,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         started = time.perf_counter()
         name = request.model_name
+        label = name if name in self.engine.models else "unknown"  # bounded series, as REST's
+        call_id = request_id(context)
+        span = await self._server_span(context, label, call_id) if tracing.enabled else None
         codes: list[grpc.StatusCode] = []  # the status _answer aborted with, if any
         code = Code.OK
         try:
-            return await self._answer(context, lambda: self._infer(request, context), codes)
+            return await self._answer(context, lambda: self._infer(request, context, call_id), codes)
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
             code = Code.CANCELLED
             raise
@@ -227,11 +231,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             code = codes[0] if codes else Code.UNKNOWN
             raise
         finally:
-            label = name if name in self.engine.models else "unknown"  # bounded series, as REST's
-            self.metrics.requests.labels(label, ENDPOINT, str(HTTP_STATUS.get(code, 500))).inc()
+            status = HTTP_STATUS.get(code, 500)
+            self.metrics.requests.labels(label, ENDPOINT, str(status)).inc()
             self.metrics.request_duration.labels(label, ENDPOINT).observe(time.perf_counter() - started)
+            if span is not None:
+                span.end(status, **{"rpc.grpc.status_code": code.value[0]})
 
-    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    async def _server_span(self, context: Any, model: str, call_id: str) -> tracing.ServerSpan:
+        """The call's server span, continuing the client's ``traceparent`` metadata; its trace id
+        goes back in the initial metadata (``x-trace-id``, REST's X-Trace-Id header)."""
+        span = tracing.ServerSpan.grpc(SERVICE, "ModelInfer", context.invocation_metadata() or ())
+        span.set(**{"equiserve.model": model, "equiserve.request_id": call_id})
+        if span.trace_id is not None:
+            await context.send_initial_metadata(((tracing.TRACE_ID_HEADER.decode(), span.trace_id),))
+        return span
+
+    async def _infer(self, request: pb.ModelInferRequest, context: Any, call_id: str) -> pb.ModelInferResponse:
         self._authorize(context)
         model, adapter = served_model(self.engine, request.model_name, request.model_version or None)
         card = model.card()
@@ -248,7 +263,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return adapter.request(body, card, model.limits, known if body.outputs is None else {
                 o.name for o in body.outputs})  # fmt: skip
 
-        work = self.engine.infer(model.name, model.task, read, request_id=request_id(context))
+        work = self.engine.infer(model.name, model.task, read, request_id=call_id)
         remaining = context.time_remaining()
         if remaining is None:
             output = await work

@@ -167,7 +167,7 @@ class RequestContextMiddleware:
         """The request's server span (its route as the name: bounded, unlike the path)."""
         model, endpoint = self._labels(match)
         route = "/v1/models/{name}/" + endpoint if match["model"] else "/v2/models/{name}/infer"
-        span = tracing.ServerSpan(scope.get("method", "-"), route, scope.get("path", ""), scope.get("headers", []))
+        span = tracing.ServerSpan.http(scope.get("method", "-"), route, scope.get("path", ""), scope.get("headers", []))
         span.set(**{"equiserve.model": model, "equiserve.request_id": request_id})
         if match["model"]:
             span.set(**{"equiserve.task": endpoint})
