@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,42 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
+import loadgen
 import numpy as np
 from benchlib import RESULTS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "app" / "web" / "static" / "examples" / "cat.jpg"
 PROTOCOLS = ("rest", "grpc")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(models_dir: Path, model: str, port: int, grpc_port: int, extra: list[str]) -> subprocess.Popen:
-    log = open(Path(tempfile.gettempdir()) / f"bench-grpc-{port}.log", "w")  # noqa: SIM115 (lives with the server)
-    command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--grpc-port", str(grpc_port), "--models-dir", str(models_dir), "--models", model,
-               "--device", "cpu", *extra]  # fmt: skip
-    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_ready(base: str, process: subprocess.Popen, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the server did not become ready")
 
 
 async def segment(protocol: str, target: str, model: str, photo: bytes, concurrency: int,
@@ -181,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             models_dir, model, extra = args.models_dir or ROOT / "models", args.model, list(args.server_arg)
             model_note = "served with its defaults"
-        port, grpc_port = free_port(), free_port()
+        grpc_port = loadgen.free_port()
         env_cache = os.environ.setdefault("EQUISERVE_ONNX_CACHE_DIR", str(Path(folder) / "cache"))
-        process = start_server(models_dir, model, port, grpc_port, extra)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", process)
+        server = loadgen.equiserve_server(
+            None, "--grpc-port", str(grpc_port), *extra, model=model, models_dir=models_dir, name="grpc"
+        )
+        with server:
+            port = server.port
             photo = PHOTO.read_bytes()
             targets = {"rest": f"127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}"}
             for protocol in PROTOCOLS:  # warm both paths (connections, first batches)
@@ -200,9 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{protocol} c={concurrency}: {result['throughput_rps']} req/s, p50 "
                               f"{result['p50_ms']} ms, errors {result['errors']}", flush=True)  # fmt: skip
                         segments.append(result)
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
     report = {
         **benchlib.report_header("bench_grpc", started, args.note, load_start),
         "model": model,
