@@ -301,7 +301,7 @@ def test_an_unauthenticated_flood_is_refused_without_reading_it_and_health_stays
     meanwhile (a real server: uvicorn's reads)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    body = b'{"images": [{"b64": "' + b"A" * (4 * 1024 * 1024) + b'"}]}'
+    body = b'{"images": [{"b64": "' + b"A" * (20 * 1024 * 1024) + b'"}]}'
     targets = [f"/v1/models/{e.model}/{task}" for task, e in EXAMPLES.items()] + ["/v2/models/tiny/infer"]
     statuses: list[int | str] = []
     stop = threading.Event()
